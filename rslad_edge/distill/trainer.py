@@ -38,6 +38,7 @@ from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError
 from rslad_edge.io import atomic_write, sha256_file
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from rslad_edge.models.folding import BatchNormFoldedView, fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class _Run:
     device: torch.device
     precision: Precision
     student: nn.Module  # plain module: the attack, eval and checkpoints use it
-    student_fn: nn.Module  # what is called for forwards: the student, or its torch.compile'd wrapper
+    student_fn: nn.Module  # what is called for train-mode forwards: the student, or its torch.compile'd wrapper
+    folded: BatchNormFoldedView | None  # eval-mode attacks: the student with BN folded into its convolutions
+    attack_fn: nn.Module  # what the attack calls: the folded view (compiled with --compile), or student_fn
     teacher: nn.Module | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
@@ -210,15 +213,16 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
         if not str(cfg.teacher).startswith("robustbench:"):
             meta["teacher_sha256"] = sha256_file(cfg.teacher)
 
-    student = create_model(cfg.student, num_classes).to(device)
-    if precision.channels_last:
-        student = student.to(memory_format=torch.channels_last)
+    student = precision.prepare(create_model(cfg.student, num_classes).to(device), device)
     if cfg.sync_bn and dist.world_size > 1:
         if device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); drop the flag")
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     ddp.broadcast_parameters(student, dist)  # every rank starts from rank 0's initialisation
     student_fn = torch.compile(student) if cfg.compile else student
+    # Eval-mode attacks run on a BN-folded view of the student (exact, and the attack is most of a step).
+    folded = fold_batchnorm(student) if method.attack_bn_mode == "eval" else None
+    attack_fn = student_fn if folded is None else torch.compile(folded) if cfg.compile else folded
 
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
@@ -233,7 +237,8 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     meta["rslad_edge_version"] = __version__
     return _Run(
         cfg=cfg, method=method, hyperparameters=hyperparameters, device=device, precision=precision, student=student,
-        student_fn=student_fn, teacher=teacher, optimizer=optimizer, scaler=scaler, train_set=train_set,
+        student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
+        train_set=train_set,
         eval_x=to_float(test_set.images), eval_y=test_set.labels, num_classes=num_classes, dist=dist,
         loss_scale=method.loss_scale(num_classes), meta=meta,
     )
@@ -249,8 +254,7 @@ def _load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device, pr
                 f"teacher '{cfg.teacher}' has {info['num_classes']} classes but the student is trained on "
                 f"{cfg.dataset} with {num_classes}; use a teacher trained on the same dataset"
             )
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    return teacher.to(memory_format=torch.channels_last) if precision.channels_last else teacher
+    return precision.prepare(teacher.to(device).eval().requires_grad_(False), device)
 
 
 def _robustbench_teacher(name: str, dataset: str) -> nn.Module:
@@ -353,15 +357,17 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
     if method.attack_loss is not None:
         target_probs = None
         student.train(method.attack_bn_mode == "train")
+        if run.folded is not None:
+            run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
         if method.attack_loss == "kl":
             if method.attack_target == "teacher":
                 target_probs = F.softmax(teacher_clean, dim=1)
             else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
                 with torch.no_grad(), autocast:
-                    target_probs = F.softmax(run.student_fn(x).float(), dim=1)
+                    target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
         with autocast:
             x_adv = pgd(
-                run.student_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+                run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
                 loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
                 generator=generator,
             )
