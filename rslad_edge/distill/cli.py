@@ -75,7 +75,8 @@ def distill(
     )] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]")] = None,
     compile: Annotated[bool | None, typer.Option(
-        "--compile/--no-compile", help="torch.compile the student (CPU too; ~1 min of compile first).")] = None,
+        "--compile/--no-compile",
+        help="torch.compile the student (CPU too; ~1 min of compile first; slower on the CPU we measured).")] = None,
     sync_bn: Annotated[bool | None, typer.Option(
         "--sync-bn/--no-sync-bn", help="SyncBatchNorm under torchrun (CUDA).")] = None,
     seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
