@@ -291,6 +291,16 @@ def test_device_jetson_on_the_device_with_standin_tools_reports_power_and_state(
 
 
 def test_a_busy_machine_is_warned_about():
-    assert "load average 2.9 on 2 usable cores" in busy_machine_warning(2.9, 2)
-    assert busy_machine_warning(0.6, 2) is None and busy_machine_warning(10.0, 64) is None
+    assert "kept 1.9 of 2 usable cores busy" in busy_machine_warning(1.9, 2)
+    assert busy_machine_warning(0.4, 2) is None and busy_machine_warning(10.0, 64) is None
     assert busy_machine_warning(None, 2) is None
+
+
+def test_busy_cores_count_other_processes_not_this_ones_past_work():
+    from rslad_edge.bench.env import busy_cores_of_others
+
+    samples = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  250 0 150 900 0 0 0 0 0 0\n"])  # 200 busy of 300
+    busy = busy_cores_of_others(0.0, read_stat=lambda: next(samples))
+    assert busy == pytest.approx((os.cpu_count() or 1) * 200 / 300, abs=0.01)
+    assert busy_cores_of_others(0.0, read_stat=lambda: "no cpu line") is None
+    assert 0 <= busy_cores_of_others(0.1) <= (os.cpu_count() or 1)  # the real /proc/stat of this machine

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
@@ -75,6 +76,22 @@ def test_rerun_with_resume_skips_every_unchanged_stage(finished_run, teacher):
     run_pipeline(tiny_sections(teacher), out, resume=True, on_stage=lambda s, status: stages.append((s, status)))
     assert stages == [("distill", "skip"), ("export", "skip"), ("verify", "skip"), ("bench", "skip"),
                       ("report", "run")]
+
+
+def test_cli_ends_with_a_summary_table_of_every_artifact(finished_run, teacher, tmp_path, monkeypatch):
+    from rslad_edge.console import console
+
+    monkeypatch.setattr(console, "width", 200)  # a wide terminal: one artifact name per cell, unwrapped
+    out, _, _ = finished_run
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_sections(teacher)))
+    result = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out), "--resume"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    summary = result.output[result.output.index("artifacts: accuracy"):]
+    for name in ("student.pt", "student.onnx", "student.int8.onnx", "worst case %", "p50 ms (b=1)"):
+        assert name in summary
+    assert "done: report" in summary
 
 
 def test_existing_run_is_refused_without_resume_or_force(finished_run, teacher):

@@ -1,7 +1,8 @@
 """The machine a figure was measured on: CPU, cores, GPU, library versions, load.
 
-A latency without its machine is not a result. The load average is recorded at the start and end of a run because
-on a shared machine it is the first thing to look at when two runs disagree.
+A latency without its machine is not a result. The load average (start and end) and how many cores other processes
+kept busy as the run started are recorded because on a shared machine they are the first thing to look at when two
+runs disagree.
 """
 
 from __future__ import annotations
@@ -103,6 +104,34 @@ def _read(path: str) -> str | None:
         return None
 
 
+def _cpu_jiffies(stat: str) -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from the first line of /proc/stat."""
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values) - idle, sum(values)
+
+
+def busy_cores_of_others(seconds: float = 0.5, read_stat: Any = None) -> float | None:
+    """How many cores other processes keep busy right now: /proc/stat sampled over ``seconds`` while this process
+    sleeps, so (unlike the load average) this run's own earlier work does not count. None where /proc is absent."""
+    import time
+
+    read = read_stat or (lambda: Path("/proc/stat").read_text())
+    try:
+        before = _cpu_jiffies(read())
+        time.sleep(seconds)
+        after = _cpu_jiffies(read())
+    except (OSError, ValueError):
+        return None
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    cores = os.cpu_count() or 1
+    return round(cores * (after[0] - before[0]) / (after[1] - before[1]), 2)
+
+
 def probe_env(*, with_gpu: bool = True) -> dict[str, Any]:
     """Everything :mod:`rslad_edge.bench` records about the local machine."""
     env: dict[str, Any] = {
@@ -115,6 +144,7 @@ def probe_env(*, with_gpu: bool = True) -> dict[str, Any]:
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "busy_cores_of_others": busy_cores_of_others(),
         "versions": library_versions(),
         "python_executable": sys.executable,
     }

@@ -108,7 +108,7 @@ def bench_artifacts(
                              num_classes=num_classes, provider=provider, loader=loader, step=step)
 
     _add_accuracy(report, verify_jsons)
-    busy = busy_machine_warning(report.env.get("load_avg_1m"), report.env.get("cpu_cores_usable"))
+    busy = busy_machine_warning(report.env.get("busy_cores_of_others"), report.env.get("cpu_cores_usable"))
     if busy and target is None:
         report.warnings.append(busy)
     report.config.update(device=device, host=target.label if target else None, threads=threads,
@@ -127,13 +127,13 @@ def bench_artifacts(
     return report
 
 
-def busy_machine_warning(load_avg: float | None, cores: int | None) -> str | None:
-    """A warning when other processes were keeping the CPU busy as the run started (1-minute load average above a
-    quarter of the usable cores, and above 1): every figure then depends on what they did meanwhile."""
-    if load_avg is None or not cores or load_avg <= max(1.0, 0.25 * cores):
+def busy_machine_warning(busy_cores: float | None, cores: int | None) -> str | None:
+    """A warning when other processes kept more than half a core (or a quarter of the usable cores) busy as the run
+    started: every figure then depends on what they did meanwhile."""
+    if busy_cores is None or not cores or busy_cores <= max(0.5, 0.25 * cores):
         return None
-    return (f"the machine was busy when the run started (1-minute load average {load_avg:.1f} on {cores} usable "
-            "cores): other processes compete for the CPU, so these figures are not reliable; rerun on a quiet machine")
+    return (f"the machine was busy when the run started (other processes kept {busy_cores:.1f} of {cores} usable "
+            "cores busy): they compete for the CPU, so these figures are not reliable; rerun on a quiet machine")
 
 
 def _bench_here(paths: list[Path], device: str, config: TimingConfig, *, threads: int | None,

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from rslad_edge.console import console
+from rslad_edge.errors import GateFailedError
 from rslad_edge.pipeline.config import PRESET_YAML
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
@@ -61,6 +63,20 @@ def pipeline_command(
     try:
         result = run_pipeline(sections, out, resume=resume, force=force, distill_observer=observer,
                               on_stage=on_stage)
+    except GateFailedError:
+        _print_summary(out)  # the report was written: show what failed before the error line
+        raise
     finally:
         observer.close()
+    _print_summary(result.out)
     console.print(f"[bold green]done[/]: report {result.report_html} (and {result.report_md.name})")
+
+
+def _print_summary(out: Path) -> None:
+    from rslad_edge.pipeline.report import summary_table
+
+    header, rows = summary_table(out)
+    table = Table(*header, title="artifacts: accuracy on the verify sample, latency on this machine")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)

@@ -90,6 +90,17 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", "worst case %", "drop vs .pt (pp)", "p50 ms (b=1)",
+                   "img/s (largest batch)")
+
+
+def summary_table(out: str | Path) -> tuple[list[str], list[list[str]]]:
+    """The report's artifact table cut to the columns that fit a terminal (what the pipeline prints at the end)."""
+    header, rows = _artifact_rows(_collect(Path(out)))
+    keep = [header.index(name) for name in SUMMARY_COLUMNS]
+    return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
+
+
 def _latency_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["artifact", "backend", "provider", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms",
               "std ms", "img/s", "outliers"]
