@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from rslad_edge.console import console
@@ -76,7 +77,14 @@ def _print_summary(out: Path) -> None:
     from rslad_edge.pipeline.report import summary_table
 
     header, rows = summary_table(out)
-    table = Table(*header, title="artifacts: accuracy on the verify sample, latency on this machine")
+    short = {"precision": "prec", "size MB": "MB", "worst case %": "worst %", "drop vs .pt (pp)": "drop pp",
+             "p50 ms (b=1)": "p50 ms", "img/s (largest batch)": "img/s"}
+    table = Table(title="artifacts: accuracy on the verify sample, latency on this machine", box=box.SIMPLE_HEAD,
+                  caption="worst: worst case over the attacks; drop: vs the .pt on the same images; p50 at batch 1",
+                  pad_edge=False)
+    for name in header:
+        table.add_column(short.get(name, name), no_wrap=name in ("artifact", "img/s (largest batch)"),
+                         justify="left" if name in ("artifact", "precision") else "right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
