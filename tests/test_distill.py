@@ -142,6 +142,18 @@ def test_training_changes_the_student_and_lowers_the_loss(tmp_path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
+def test_compiled_run_follows_the_eager_run(tmp_path, teacher_path):
+    # --compile compiles the student and the BN-folded attack view; the folded weights are refreshed in place after
+    # every step, which the compiled graph must see: its losses track the eager run's (same seeds, same batches).
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny(tmp_path / str(compiled), method="rslad", teacher=str(teacher_path), epochs=2, compile=compiled)
+        train(cfg)
+        losses[compiled] = [m["train_loss"] for m in metrics(tmp_path / str(compiled) / "run")]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
 def test_existing_run_directory_is_refused_without_resume_or_force(tmp_path):
     train(tiny(tmp_path, epochs=1))
     with pytest.raises(RunDirError, match="--resume.*--force"):
