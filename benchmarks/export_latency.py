@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import onnx
 import torch
 
+from rslad_edge.bench.env import cpu_model
 from rslad_edge.export.onnx_export import torch_to_onnx
 from rslad_edge.export.precision import quantize_int8
 from rslad_edge.models import create_model, load_checkpoint
@@ -81,16 +81,6 @@ def bench_model(name: str, model: torch.nn.Module, args: argparse.Namespace, cal
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="mobilenetv2,resnet18", help="architectures, randomly initialised")
@@ -117,7 +107,7 @@ def main() -> None:
         models = {name: create_model(name) for name in args.models.split(",")}
     calib = calibration_images(args.dataset, args.data_root, args.calib_n)
 
-    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
           f"onnxruntime {__import__('onnxruntime').__version__}; median of {args.iters} after {args.warmup} warm-up")
     width = max(28, *(len(name) for name in models))
     print(f"{'model':<{width}} {'batch':>5}  {'backend':<24} {'median ms':>10} {'images/s':>10} "
@@ -130,7 +120,7 @@ def main() -> None:
                   f"{row['images_per_s']:>10.0f} {row['speedup_vs_torch']:>8.2f} {row['speedup_vs_ort_fp32']:>10.2f}",
                   flush=True)
     if args.json:
-        meta = {"cpu": cpu_name(), "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
+        meta = {"cpu": cpu_model(), "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
                 "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import onnx
 import torch
 
+from rslad_edge.bench.env import cpu_model
 from rslad_edge.data import load_dataset, subset, to_float
 from rslad_edge.export.onnx_export import torch_to_onnx
 from rslad_edge.export.precision import quantize_int8
@@ -67,16 +67,6 @@ class TimedSession:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_artifact(path: Path, precision: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -136,7 +126,7 @@ def main() -> None:
             y = model(x).argmax(dim=1)  # see the module docstring
     calib = to_float(subset(load_dataset(args.dataset, args.data_root, "train"), args.calib_n, seed=0).images).numpy()
 
-    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, onnxruntime "
+    print(f"# {cpu_model()}, {args.threads} threads, torch {torch.__version__}, onnxruntime "
           f"{__import__('onnxruntime').__version__}; {name}, {len(y)} {args.dataset} images, attacks {args.attacks}, "
           f"Square {args.square_queries} queries", flush=True)
     rows = []
@@ -159,7 +149,7 @@ def main() -> None:
                       f"{row['square_inside_predict_share']:.0%} of it inside predict; robust "
                       f"{json.dumps({k: round(v, 3) for k, v in row['robust_acc'].items()})}", flush=True)
     if args.json:
-        meta = {"cpu": cpu_name(), "threads": args.threads, "model": name, "dataset": args.dataset,
+        meta = {"cpu": cpu_model(), "threads": args.threads, "model": name, "dataset": args.dataset,
                 "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                 "numpy": np.__version__}
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
