@@ -256,10 +256,5 @@ def _batch_notes(runner: Any, batch: int) -> list[str]:
 
 
 def _result_row(runner: Any, stats: LatencyStats, **fields: Any) -> BenchResult:
-    return BenchResult(
-        artifact=str(runner.path), backend=runner.backend, provider=str(runner.provider),
-        precision=runner.precision, batch=stats.batch, p50_ms=stats.p50_ms, p90_ms=stats.p90_ms,
-        p99_ms=stats.p99_ms, mean_ms=stats.mean_ms, std_ms=stats.std_ms, min_ms=stats.min_ms, max_ms=stats.max_ms,
-        images_per_s=stats.images_per_s, images_per_s_wall=stats.images_per_s_wall, iterations=stats.iterations,
-        outliers=stats.outliers, outlier_threshold_ms=stats.outlier_threshold_ms, **fields,
-    )
+    return BenchResult(artifact=str(runner.path), backend=runner.backend, provider=str(runner.provider),
+                       precision=runner.precision, **{**asdict(stats), **fields})

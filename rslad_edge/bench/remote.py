@@ -414,10 +414,7 @@ def _trtexec_row(artifact: OnnxArtifact, batch: int, log: Any, times: Any, resul
     row = BenchResult(
         artifact=str(artifact.path), sha256=artifact.sha256, backend="tensorrt",
         provider=f"trtexec ({version})" + (f" on {log.device}" if log.device else ""),
-        precision=artifact.precision, batch=batch, p50_ms=stats.p50_ms, p90_ms=stats.p90_ms, p99_ms=stats.p99_ms,
-        mean_ms=stats.mean_ms, std_ms=stats.std_ms, min_ms=stats.min_ms, max_ms=stats.max_ms,
-        images_per_s=stats.images_per_s, images_per_s_wall=wall, iterations=stats.iterations,
-        outliers=stats.outliers, outlier_threshold_ms=stats.outlier_threshold_ms, device="jetson", timed="trtexec",
+        precision=artifact.precision, **{**asdict(stats), "images_per_s_wall": wall}, device="jetson", timed="trtexec",
         clock="trtexec", size_mb=artifact.size_mb, host=host, gpu_compute_p50_ms=compute_p50,
         gpu_compute_p99_ms=compute_p99, trtexec_throughput_qps=log.throughput_qps, notes=notes,
     )
