@@ -220,11 +220,7 @@ def _verify_all(section: dict[str, Any], artifacts: list[Path], student: Path, v
         report = verify_artifact(cfg)
         record = report.to_json()
         if cfg.max_drop is not None:
-            failed = report.gate_failures(cfg.max_drop)
-            message = (f"drop above {cfg.max_drop:g} pp on " + ", ".join(
-                f"{row} ({report.drop_pp(row):.1f} pp)" for row in failed)) if failed else (
-                f"every drop within {cfg.max_drop:g} pp")
-            record["gate"] = {"max_drop_pp": cfg.max_drop, "passed": not failed, "message": message}
+            record["gate"] = report.gate_verdict(cfg.max_drop)
         json_path = verify_dir / f"{artifact.name}.json"
         write_json(json_path, record)
         outputs.append(str(json_path))

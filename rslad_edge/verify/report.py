@@ -168,23 +168,28 @@ class VerifyReport:
         # The tolerance keeps float rounding (0.6 - 0.3 = 0.30000000000000004) from failing a drop equal to the bound.
         return [row for row in [*self.attacks, WORST_CASE_ROW] if (self.drop_pp(row) or 0.0) > max_drop_pp + 1e-9]
 
+    def gate_verdict(self, max_drop_pp: float) -> dict[str, Any]:
+        """What the ``--max-drop`` gate decided, for the CLI, the verify JSON (``"gate"``) and the pipeline report."""
+        failed = self.gate_failures(max_drop_pp)
+        if failed:
+            message = f"dropped by more than {max_drop_pp:g} points against the reference on: " + ", ".join(
+                f"{row} {100 * self.accuracy(row, reference=True):.1f}% -> {100 * self.accuracy(row):.1f}% "
+                f"(-{self.drop_pp(row):.1f} pp)"
+                for row in failed
+            )
+        else:
+            message = f"every drop within {max_drop_pp:g} points"
+        return {"max_drop_pp": max_drop_pp, "passed": not failed, "message": message}
+
     def check_gate(self, max_drop_pp: float | None) -> None:
         """Raise GateFailedError (exit 3) naming each attack whose drop exceeds ``max_drop_pp``; None: no gate."""
         if max_drop_pp is None:
             return
         if self.reference is None:
             raise ConfigError("--max-drop needs --reference: there is nothing to measure a drop against")
-        failed = self.gate_failures(max_drop_pp)
-        if failed:
-            details = ", ".join(
-                f"{row} {100 * self.accuracy(row, reference=True):.1f}% -> {100 * self.accuracy(row):.1f}% "
-                f"(-{self.drop_pp(row):.1f} pp)"
-                for row in failed
-            )
-            raise GateFailedError(
-                f"robust accuracy of {self.artifact.info.path} dropped by more than {max_drop_pp:g} points against "
-                f"the reference on: {details}"
-            )
+        verdict = self.gate_verdict(max_drop_pp)
+        if not verdict["passed"]:
+            raise GateFailedError(f"robust accuracy of {self.artifact.info.path} {verdict['message']}")
 
     def to_json(self) -> dict[str, Any]:
         """The issue's schema (accuracies as fractions), plus drops, warnings, config and versions."""
