@@ -13,6 +13,8 @@ import os
 import platform
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +116,9 @@ def _cpu_jiffies(stat: str) -> tuple[int, int] | None:
     return sum(values) - idle, sum(values)
 
 
-def busy_cores_of_others(seconds: float = 0.5, read_stat: Any = None) -> float | None:
+def busy_cores_of_others(seconds: float = 0.5, read_stat: Callable[[], str] | None = None) -> float | None:
     """How many cores other processes keep busy right now: /proc/stat sampled over ``seconds`` while this process
     sleeps, so (unlike the load average) this run's own earlier work does not count. None where /proc is absent."""
-    import time
-
     read = read_stat or (lambda: Path("/proc/stat").read_text())
     try:
         before = _cpu_jiffies(read())
