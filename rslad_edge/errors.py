@@ -21,6 +21,13 @@ class ConfigError(RsladEdgeError):
     """An option or config value is invalid (bad eps, unknown name, inconsistent settings)."""
 
 
+class PipelineConfigError(ConfigError):
+    """A pipeline config section has an unknown key, a wrong type or an impossible value: a usage error, found
+    before any stage runs."""
+
+    exit_code = 2
+
+
 class CheckpointError(RsladEdgeError):
     """A checkpoint is missing, corrupt, or does not match the architecture it is loaded into."""
 

@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes and content hashes."""
+"""Small file helpers every stage shares: atomic writes and content hashes (each file version hashed once)."""
 
 from __future__ import annotations
 
@@ -44,12 +44,24 @@ def write_json(path: str | Path, data: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
 
 
+_SHA256_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The file's sha256, computed once per process per file version: the stages of a pipeline (export's source,
+    verify, bench, the run record) all ask for it, and a checkpoint or engine can be hundreds of MB. The cache key
+    is the resolved path, size, mtime and inode, so a rewritten file (always a new inode: writes are atomic
+    renames) is hashed again."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(resolved, "rb") as f:
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def read_yaml_mapping(path: str | Path, flag: str = "--config") -> dict[str, Any]:

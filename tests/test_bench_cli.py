@@ -41,11 +41,11 @@ def flat(output: str) -> str:
 
 
 def test_bench_onnx_and_checkpoint_in_one_table_and_json(models, tmp_path):
-    write_verify_json(models["pt"].parent / "verify" / "student_pt.json", models["pt"], sha256_file(models["pt"]),
-                      0.812, {"pgd20": 0.503, "square": 0.541})
+    verify_json = write_verify_json(models["pt"].parent / "verify" / "student_pt.json", models["pt"],
+                                    sha256_file(models["pt"]), 0.812, {"pgd20": 0.503, "square": 0.541})
     out = tmp_path / "bench.json"
     result = invoke(str(models["onnx"]), str(models["pt"]), "--batch", "1,4", "--threads", "1", "--json", str(out),
-                    *FAST)
+                    "--verify-json", str(verify_json), *FAST)
     assert result.exit_code == 0, result.output
     for text in ["student.onnx", "student.pt", "ort CPU, 1 thr", "torch cpu, 1 thr", "81.2/50.3", f"wrote {out}"]:
         assert text in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -12,12 +13,13 @@ import pytest
 from test_bench_support import FIXTURES, FakeRunner, write_standins, write_verify_json
 
 from rslad_edge.bench import BenchReport, bench, bench_artifacts
-from rslad_edge.bench.accuracy import find_accuracies
+from rslad_edge.bench.accuracy import Accuracies, Accuracy, find_accuracies
 from rslad_edge.bench.core import TimingConfig, artifact_facts
 from rslad_edge.bench.jetson import PowerReading, TegrastatsSampler, probe_local_jetson
 from rslad_edge.bench.suite import busy_machine_warning, runner_device
 from rslad_edge.errors import ConfigError, RsladEdgeError, RuntimeUnavailableError
 from rslad_edge.io import sha256_file
+from rslad_edge.record import Artifact, RunRecord, VerifyEntry
 
 FAST = dict(warmup=1, warmup_seconds=0.0, iters=5)
 ENV = {"cpu_model": "test"}
@@ -135,33 +137,46 @@ def test_onnx_runtime_default_threads_are_noted_not_left_blank(artifact):
 # ------------------------------------------------------------------------------------------------- accuracy
 
 
-def test_accuracy_comes_from_the_verify_json_of_the_same_file(artifact):
+def _record_with(run: Path, artifact: Path, sha: str, clean: float, worst: float) -> RunRecord:
+    record = RunRecord(root=run, exports=[dataclasses.replace(Artifact.from_file(artifact), sha256=sha)],
+                       verify=[VerifyEntry(sha, run / "verify" / "x.json", clean, {"pgd": worst}, worst)])
+    record.save()
+    return record
+
+
+def test_accuracy_comes_from_the_run_record_of_the_run_holding_the_file(artifact):
     sha = sha256_file(artifact)
-    run = artifact.parent.parent
-    write_verify_json(run / "verify" / "student.json", artifact, sha, 0.81, {"pgd20": 0.52, "square": 0.55},
-                      worst=0.50)
-    found, warnings = find_accuracies([(artifact, sha)])
-    assert found[sha].clean_acc == 0.81 and found[sha].robust_acc == 0.50 and not warnings
+    _record_with(artifact.parent.parent, artifact, sha, 0.81, 0.50)
+    found = find_accuracies([(artifact, sha)])
+    assert found.by_sha256[sha].clean_acc == 0.81 and found.by_sha256[sha].robust_acc == 0.50
+    assert not found.warnings
 
 
-def test_without_worst_case_the_robust_accuracy_is_the_lowest_attack(artifact):
+def test_an_explicit_verify_json_without_worst_case_gives_the_lowest_attack(artifact, tmp_path):
     sha = sha256_file(artifact)
-    write_verify_json(artifact.parent.parent / "verify" / "v.json", artifact, sha, 0.8, {"pgd": 0.5, "cw": 0.47})
-    assert find_accuracies([(artifact, sha)])[0][sha].robust_acc == 0.47
+    path = write_verify_json(tmp_path / "elsewhere" / "v.json", artifact, sha, 0.8, {"pgd": 0.5, "cw": 0.47})
+    assert find_accuracies([(artifact, sha)], [path]).by_sha256[sha].robust_acc == 0.47
 
 
-def test_a_verify_result_for_an_older_file_is_not_shown_but_reported(artifact):
-    write_verify_json(artifact.parent.parent / "verify" / "old.json", artifact, "0" * 64, 0.9, {"pgd": 0.6})
-    found, warnings = find_accuracies([(artifact, sha256_file(artifact))])
-    assert found == {}
-    assert len(warnings) == 1 and "older 'student.onnx' (sha256 differs)" in warnings[0]
+def test_verify_jsons_lying_in_the_run_folder_are_not_globbed(artifact):
+    sha = sha256_file(artifact)
+    write_verify_json(artifact.parent.parent / "verify" / "student.json", artifact, sha, 0.8, {"pgd": 0.5})
+    found = find_accuracies([(artifact, sha)])
+    assert found.by_sha256 == {} and found.warnings == []
+
+
+def test_a_record_result_for_an_older_file_is_not_shown_but_reported(artifact):
+    _record_with(artifact.parent.parent, artifact, "0" * 64, 0.9, 0.6)
+    found = find_accuracies([(artifact, sha256_file(artifact))])
+    assert found.by_sha256 == {}
+    assert len(found.warnings) == 1 and "older 'student.onnx' (sha256 differs)" in found.warnings[0]
 
 
 def test_explicit_verify_json_that_matches_nothing_is_reported(artifact, tmp_path):
     other = write_verify_json(tmp_path / "elsewhere.json", Path("x.onnx"), "f" * 64, 0.9, {"pgd": 0.6})
-    found, warnings = find_accuracies([(artifact, sha256_file(artifact))], [other, tmp_path / "missing.json"])
-    assert found == {} and any("no sha256 matches" in w for w in warnings) and any("does not exist" in w
-                                                                                  for w in warnings)
+    found = find_accuracies([(artifact, sha256_file(artifact))], [other, tmp_path / "missing.json"])
+    assert found.by_sha256 == {} and any("no sha256 matches" in w for w in found.warnings)
+    assert any("does not exist" in w for w in found.warnings)
 
 
 # ------------------------------------------------------------------------------------------ bench_artifacts
@@ -194,11 +209,11 @@ def _loader(created: list):
 def test_bench_artifacts_compares_several_files_with_their_accuracy_in_one_json(tmp_path, artifact):
     checkpoint = tmp_path / "student.pt"
     checkpoint.write_bytes(b"checkpoint bytes")
-    write_verify_json(tmp_path / "verify" / "pt.json", checkpoint, sha256_file(checkpoint), 0.83, {"pgd": 0.51})
+    accuracies = Accuracies({sha256_file(checkpoint): Accuracy(0.83, 0.51, "verify/pt.json")}, ["a warning"])
     created: list = []
     out = tmp_path / "bench" / "cpu.json"
     report = bench_artifacts([artifact, checkpoint], batches=(1, 4), precisions=("fp32", "bf16"), threads=2,
-                             json_path=out, loader=_loader(created), **FAST)
+                             json_path=out, loader=_loader(created), accuracies=accuracies, **FAST)
     assert [(name, options.get("precision")) for name, _, options in created] == [
         ("student.onnx", None), ("student.pt", "fp32"), ("student.pt", "bf16")]
     assert all(options["threads"] == 2 for _, _, options in created)
@@ -207,7 +222,7 @@ def test_bench_artifacts_compares_several_files_with_their_accuracy_in_one_json(
     assert {r.precision for r in pt_rows} == {"fp32", "bf16"}
     assert all(r.clean_acc == 0.83 and r.robust_acc == 0.51 for r in pt_rows)
     saved = json.loads(out.read_text())
-    assert len(saved["results"]) == 6 and saved["config"]["batches"] == [1, 4]
+    assert len(saved["results"]) == 6 and saved["config"]["batches"] == [1, 4] and "a warning" in saved["warnings"]
     assert {"cpu_model", "versions", "cpu_cores_logical", "load_avg_1m_end"} <= set(saved["env"])
     assert not list(out.parent.glob("*.tmp"))  # written atomically
 

@@ -9,9 +9,10 @@ import yaml
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
-from rslad_edge.errors import ConfigError, GateFailedError, RunDirError
+from rslad_edge.errors import ConfigError, GateFailedError, PipelineConfigError, RunDirError
 from rslad_edge.models import create_model, save_checkpoint
 from rslad_edge.pipeline import load_pipeline_config, preset_text, run_pipeline
+from rslad_edge.record import RunRecord
 
 runner = CliRunner()
 
@@ -101,19 +102,19 @@ def test_existing_run_is_refused_without_resume_or_force(finished_run, teacher):
 
 
 def test_interrupted_export_resumes_without_redoing_distillation(tmp_path, teacher, monkeypatch):
-    from rslad_edge.pipeline import run as pipeline_run
+    import rslad_edge.export
 
-    real_export_all = pipeline_run._export_all
+    real_export = rslad_edge.export.export
 
     def killed_during_export(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline_run, "_export_all", killed_during_export)
+    monkeypatch.setattr(rslad_edge.export, "export", killed_during_export)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(tiny_sections(teacher), tmp_path / "run")
     student_bytes = (tmp_path / "run" / "student.pt").read_bytes()
 
-    monkeypatch.setattr(pipeline_run, "_export_all", real_export_all)
+    monkeypatch.setattr(rslad_edge.export, "export", real_export)
     stages = []
     run_pipeline(tiny_sections(teacher, verify={"n": 16}), tmp_path / "run", resume=True,
                  on_stage=lambda s, status: stages.append((s, status)))
@@ -126,9 +127,77 @@ def test_a_copied_run_with_a_changed_export_config_reruns_export_but_not_distill
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     stages = []
-    run_pipeline(tiny_sections(teacher, export={"precisions": ["fp32"]}), copy, resume=True,
-                 on_stage=lambda s, status: stages.append((s, status)))
+    result = run_pipeline(tiny_sections(teacher, export={"precisions": ["fp32"]}), copy, resume=True,
+                          on_stage=lambda s, status: stages.append((s, status)))
     assert stages[0] == ("distill", "skip") and stages[1] == ("export", "run")
+    # Only this configuration's results remain: the int8 export and its verify JSON went with the old config.
+    assert not (copy / "export" / "student.int8.onnx").exists()
+    assert sorted(p.name for p in (copy / "verify").iterdir()) == ["student.onnx.json", "student.pt.json"]
+    assert "student.int8.onnx" not in result.report_md.read_text()
+    assert [a.name for a in RunRecord.load(copy).artifacts] == ["student.pt", "student.onnx"]
+
+
+def test_resume_with_new_bench_batches_reports_exactly_them_not_a_stale_bench_file(finished_run, teacher, tmp_path):
+    out, _, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    # A result left by an earlier configuration sorts first: the report must not pick it up.
+    shutil.copy(copy / "bench" / "cpu.json", copy / "bench" / "a-previous.json")
+    stages = []
+    result = run_pipeline(tiny_sections(teacher, bench={"batch": [2, 4]}), copy, resume=True,
+                          on_stage=lambda s, status: stages.append((s, status)))
+    assert ("bench", "run") in stages
+    md = result.report_md.read_text()
+    latency = md[md.index("## Latency"):md.index("## Configuration")]
+    batches = {int(line.split("|")[5]) for line in latency.splitlines() if line.startswith("| student")}
+    assert batches == {2, 4}
+    assert result.record.bench.batches == [2, 4]
+
+
+def test_a_misspelt_key_in_any_section_is_one_line_exit_2_and_writes_nothing(tmp_path, teacher):
+    for stage, key, expected in [("distill", "epochz", "did you mean 'epochs'"),
+                                 ("export", "calib_nn", "did you mean 'calib-n'"),
+                                 ("verify", "squre_queries", "did you mean 'square-queries'"),
+                                 ("bench", "secondz", "did you mean 'seconds'")]:
+        sections = tiny_sections(teacher)
+        sections[stage][key] = 2
+        config = tmp_path / f"{stage}.yaml"
+        config.write_text(yaml.safe_dump(sections))
+        out = tmp_path / f"run-{stage}"
+        result = runner.invoke(app, ["pipeline", "--config", str(config), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert f"pipeline section '{stage}'" in result.output and expected in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("stage, key, value, expected", [
+    ("export", "calib_n", "many", "key 'calib-n': expected an integer, got 'many'"),
+    ("bench", "batch", [1, "x"], "key 'batch': expected a list of integers"),
+    ("bench", "seconds", -1, "--seconds must be > 0"),
+    ("verify", "checkpoint_attacks", ["pgd_sta"], "key 'checkpoint-attacks'"),
+    ("distill", "epochs", 0, "--epochs must be positive"),
+])
+def test_a_wrong_type_or_impossible_value_names_its_section(tmp_path, teacher, stage, key, value, expected):
+    sections = tiny_sections(teacher)
+    sections[stage][key] = value
+    with pytest.raises(PipelineConfigError, match=f"pipeline section '{stage}'") as caught:
+        run_pipeline(sections, tmp_path / "run")
+    assert expected in str(caught.value) and not (tmp_path / "run").exists()
+
+
+def test_a_truncated_or_newer_record_is_refused_on_resume_naming_the_file(finished_run, teacher, tmp_path):
+    out, _, _ = finished_run
+    for name, damage in [("truncated", lambda text: text[: len(text) // 2]),
+                         ("newer", lambda text: text.replace('"version": 1', '"version": 99'))]:
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        record = copy / "run.json"
+        record.write_text(damage(record.read_text()))
+        with pytest.raises(RunDirError, match=str(record)) as caught:
+            run_pipeline(tiny_sections(teacher), copy, resume=True)
+        assert ("newer rslad-edge" if name == "newer" else "truncated") in str(caught.value)
+        assert record.read_text() == damage((out / "run.json").read_text())  # left as it was
 
 
 def test_a_failed_gate_still_writes_the_report_and_then_exits_3(tmp_path, teacher):

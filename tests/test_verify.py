@@ -265,8 +265,8 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
     assert ISSUE_KEYS <= set(record) and record["n"] == 32 and record["config"]["dataset"] == "shapes"
     assert set(record["robust_acc"]) == set(EXPORTED_DEFAULT_ATTACKS) == set(record["reference"]["robust_acc"])
     assert record["sha256"] == sha256_file(files["onnx"]) and record["queries"]["budget"] == 20
-    found, warnings = find_accuracies([(files["onnx"], record["sha256"])], [out])
-    assert warnings == [] and found[record["sha256"]].robust_acc == record["worst_case_acc"]
+    found = find_accuracies([(files["onnx"], record["sha256"])], [out])
+    assert found.warnings == [] and found.by_sha256[record["sha256"]].robust_acc == record["worst_case_acc"]
 
 
 def test_cli_gate_exits_3_naming_the_attack_and_0_within(files):

@@ -1,9 +1,14 @@
-"""The accuracy column: clean and robust accuracy of an artifact, read from the verify stage's JSON.
+"""The accuracy column: clean and robust accuracy of an artifact, as verify measured it, matched by sha256.
 
-A verify JSON (``<run>/verify/*.json``) names the artifact it measured and its sha256:
-``{"artifact", "sha256", "clean_acc", "robust_acc": {attack: acc}, "worst_case_acc", ...}``. It is matched to an
-artifact by sha256 only, so a result for an older export of the same file name is never shown next to the new
-file's latency (it is reported as stale instead).
+Where the figures come from, in this order (never from a glob of a verify folder):
+
+- the typed results a caller passes (the pipeline hands bench its verify entries: :func:`accuracies_from_record`);
+- ``--verify-json FILE``: a verify JSON names the artifact it measured and its sha256;
+- the run record (``run.json``) of the pipeline run that holds the artifact (``<run>/student.pt``,
+  ``<run>/export/x.onnx``): one named file, read only if it exists.
+
+A result is matched to an artifact by sha256 only, so a result for an older export of the same file name is never
+shown next to the new file's latency (it is reported as stale instead).
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rslad_edge.errors import RsladEdgeError
+from rslad_edge.record import RECORD_FILE, RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +30,24 @@ logger = logging.getLogger(__name__)
 class Accuracy:
     clean_acc: float | None
     robust_acc: float | None  # worst case over attacks (verify's per-sample worst case when it has one)
-    source: str  # the verify JSON it came from
+    source: str  # the verify JSON or run record it came from
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
+@dataclass
+class Accuracies:
+    """sha256 -> Accuracy, and what a reader should know about what could not be matched."""
+
+    by_sha256: dict[str, Accuracy] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def accuracies_from_record(record: RunRecord) -> Accuracies:
+    """Every artifact the record's verify stage measured."""
+    return Accuracies({entry.artifact_sha256: Accuracy(entry.clean_acc, entry.worst_case_acc, str(entry.json_path))
+                       for entry in record.verify})
+
+
+def _verify_json_records(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -48,45 +70,44 @@ def _accuracy(record: dict[str, Any], source: Path) -> Accuracy:
                     str(source))
 
 
-def verify_dirs(artifact: Path) -> list[Path]:
-    """Where a run keeps verify results for ``artifact``: ``<run>/verify`` for ``<run>/export/x.onnx`` and
-    ``<run>/student.pt``, and ``verify/`` beside the artifact."""
+def run_record_path(artifact: Path) -> Path:
+    """Where the record of the pipeline run holding ``artifact`` would be: ``<run>/run.json`` for
+    ``<run>/export/x.onnx`` and ``<run>/student.pt``."""
     artifact = Path(artifact).resolve()
     run = artifact.parent.parent if artifact.parent.name == "export" else artifact.parent
-    dirs = [run / "verify", artifact.parent / "verify"]
-    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+    return run / RECORD_FILE
 
 
-def find_accuracies(
-    artifacts: Sequence[tuple[Path, str]], extra_jsons: Iterable[Path] = ()
-) -> tuple[dict[str, Accuracy], list[str]]:
-    """Map sha256 -> Accuracy for the ``(path, sha256)`` artifacts; plus warnings (stale or unmatched results)."""
+def find_accuracies(artifacts: Sequence[tuple[Path, str]], verify_jsons: Iterable[Path] = ()) -> Accuracies:
+    """The accuracies of the ``(path, sha256)`` artifacts from ``--verify-json`` files and the artifacts' run
+    records, with warnings (a stale result, an unreadable record, a file that matches nothing)."""
     wanted = {sha: Path(path) for path, sha in artifacts}
     found: dict[str, Accuracy] = {}
     warnings: list[str] = []
-    explicit = [Path(p) for p in extra_jsons]
-    for json_path in explicit:
+    for json_path in (Path(p) for p in verify_jsons):
         if not json_path.is_file():
             warnings.append(f"--verify-json {json_path} does not exist")
             continue
-        records = _records(json_path)
-        matched = [r for r in records if r["sha256"] in wanted]
+        matched = [r for r in _verify_json_records(json_path) if r["sha256"] in wanted]
         for record in matched:
             found.setdefault(record["sha256"], _accuracy(record, json_path))
         if not matched:
             warnings.append(f"--verify-json {json_path} is for none of these artifacts (no sha256 matches)")
+
     names = {path.name: sha for sha, path in wanted.items()}
-    stale: dict[str, Path] = {}  # artifact name -> a verify JSON for an older file of that name
-    for directory in dict.fromkeys(d for path in wanted.values() for d in verify_dirs(path)):
-        for json_path in sorted(directory.glob("*.json")):
-            for record in _records(json_path):
-                name = Path(str(record.get("artifact", ""))).name
-                if record["sha256"] in wanted:
-                    found.setdefault(record["sha256"], _accuracy(record, json_path))
-                elif name in names:
-                    stale.setdefault(name, json_path)
-    for name, json_path in stale.items():
-        if names[name] not in found:
-            warnings.append(f"{json_path} is for an older '{name}' (sha256 differs): verify it again to show its "
-                            "accuracy")
-    return found, list(dict.fromkeys(warnings))
+    for record_path in dict.fromkeys(run_record_path(path) for path in wanted.values()):
+        if not record_path.is_file():
+            continue
+        try:
+            record = RunRecord.load(record_path.parent)
+        except RsladEdgeError as exc:
+            warnings.append(f"no accuracies from {record_path}: {exc}")
+            continue
+        for sha, accuracy in accuracies_from_record(record).by_sha256.items():
+            if sha in wanted:
+                found.setdefault(sha, accuracy)
+        for artifact in record.artifacts:
+            if artifact.name in names and artifact.sha256 != names[artifact.name] and names[artifact.name] not in found:
+                warnings.append(f"{record_path} has verify results for an older '{artifact.name}' (sha256 differs): "
+                                "verify it again to show its accuracy")
+    return Accuracies(found, list(dict.fromkeys(warnings)))

@@ -133,7 +133,8 @@ def bench(
     provider: Annotated[str | None, typer.Option(
         help="ONNX Runtime execution provider override: cpu, cuda or trt.")] = None,
     verify_json: Annotated[list[Path] | None, typer.Option(
-        "--verify-json", help="Verify results to take accuracies from (besides <run>/verify/*.json); repeatable.")
+        "--verify-json", help="Verify results to take accuracies from (besides the run record of a pipeline run "
+        "holding the artifact); repeatable.")
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here (JSON).")] = None,
     plot: Annotated[bool, typer.Option("--plot", help="Also write a PNG next to the JSON (needs matplotlib).")
@@ -150,10 +151,13 @@ def bench(
 
     Per batch size: warm-up, then timed calls on one preallocated batch; outliers are counted, never dropped.
 
-    Accuracies come from the verify result of the same file (matched by sha256).
+    Accuracies come from the verify result of the same file (matched by sha256): --verify-json files, or the run
+    record (run.json) of the pipeline run that holds the artifact.
     """
+    from rslad_edge.bench.accuracy import find_accuracies
     from rslad_edge.bench.remote import SshTarget
     from rslad_edge.bench.suite import bench_artifacts
+    from rslad_edge.io import sha256_file
 
     if iters is not None and seconds is not None:
         raise typer.BadParameter("give --iters or --seconds, not both", param_hint="'--iters' / '--seconds'")
@@ -161,12 +165,14 @@ def bench(
         raise typer.BadParameter("--port, --identity and --known-hosts go with --host", param_hint="'--host'")
     target = (SshTarget(host, port=port, identity=identity, known_hosts=known_hosts, connect_timeout=connect_timeout)
               if host else None)
+    existing = [path for path in artifacts if path.is_file()]  # bench_artifacts names a missing one
+    accuracies = find_accuracies([(path, sha256_file(path)) for path in existing], verify_json or [])
     report = bench_artifacts(
         artifacts, device=device.value, target=target, batches=_batches(batch), warmup=warmup,
         warmup_seconds=warmup_seconds, iters=iters, seconds=None if iters is not None else (seconds or 3.0),
         threads=threads,
         precisions=[p for p in precision.replace(" ", "").split(",") if p], arch=arch, num_classes=num_classes,
-        provider=provider, verify_jsons=verify_json or [], json_path=json_out, plot=plot, keep_remote=keep_remote,
+        provider=provider, accuracies=accuracies, json_path=json_out, plot=plot, keep_remote=keep_remote,
         remote_timeout=remote_timeout, on_step=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False),
     )
     console.print(results_table(report))

@@ -28,7 +28,7 @@ import numpy as np
 from rslad_edge.bench.stats import LatencyStats, summarize
 from rslad_edge.bench.timing import Clock, CudaEventClock, PerfCounterClock, measure
 from rslad_edge.errors import ConfigError, RsladEdgeError
-from rslad_edge.io import sha256_file
+from rslad_edge.record import Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -123,12 +123,8 @@ class TimingConfig:
 
 def artifact_facts(path: str | Path) -> tuple[str, float]:
     """(sha256, size in MB) of an artifact file (and its ``.data`` external weights, when the ONNX has them)."""
-    path = Path(path)
-    size = path.stat().st_size
-    external = path.with_name(path.name + ".data")
-    if external.is_file():
-        size += external.stat().st_size
-    return sha256_file(path), size / 1e6
+    artifact = Artifact.from_file(path)
+    return artifact.sha256, artifact.size_mb
 
 
 def timed_callable(runner: Any, x: np.ndarray) -> tuple[Callable[[], object], str]:

@@ -15,11 +15,11 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rslad_edge.bench.accuracy import find_accuracies
+from rslad_edge.bench.accuracy import Accuracies
 from rslad_edge.bench.core import DEFAULT_BATCHES, BenchReport, TimingConfig, bench
 from rslad_edge.bench.env import probe_env
 from rslad_edge.bench.jetson import TegrastatsSampler, is_jetson, probe_local_jetson
@@ -32,6 +32,51 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda", "trt", "jetson")
 RELIABLE_P99_ITERATIONS = 100  # below this, p99 is (nearly) the slowest single iteration
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The options of one bench run that a config file sets (the pipeline's ``bench:`` section; keys are the CLI
+    flags). Validated on creation, so a typo or an impossible value fails before any stage of a pipeline runs."""
+
+    device: str = "cpu"  # cpu | cuda | trt | jetson, or auto: cuda where a GPU is present
+    batch: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
+    warmup: int = 10
+    warmup_seconds: float = 1.0
+    iters: int | None = None
+    seconds: float | None = 3.0
+    min_iters: int = 30
+    threads: int | None = None
+    precision: list[str] = field(default_factory=lambda: ["fp32"])  # checkpoints: fp32, bf16, fp16 autocast
+    provider: str | None = None  # ONNX Runtime provider override: cpu, cuda, trt
+    plot: bool = True  # a PNG next to the JSON when matplotlib is installed
+
+    def __post_init__(self) -> None:
+        if self.device not in (*DEVICES, "auto"):
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or auto, got '{self.device}'")
+        _ = self.timing  # validates batch sizes and durations, with TimingConfig's messages
+        bad = [p for p in self.precision if p not in PRECISIONS]
+        if bad:
+            raise ConfigError(f"--precision must be among {', '.join(PRECISIONS)}, got '{bad[0]}'")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.provider is not None and self.provider not in ("cpu", "cuda", "trt"):
+            raise ConfigError(f"--provider must be cpu, cuda or trt, got '{self.provider}'")
+
+    @property
+    def timing(self) -> TimingConfig:
+        return TimingConfig(tuple(self.batch), self.warmup, self.warmup_seconds, self.iters, self.seconds,
+                            self.min_iters)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def runner_device(path: Path, device: str) -> str:
@@ -72,7 +117,7 @@ def bench_artifacts(
     arch: str | None = None,
     num_classes: int | None = None,
     provider: str | None = None,
-    verify_jsons: Sequence[str | Path] = (),
+    accuracies: Accuracies | None = None,
     json_path: str | Path | None = None,
     plot: bool = False,
     keep_remote: bool = False,
@@ -84,6 +129,8 @@ def bench_artifacts(
 
     ``precisions`` applies to checkpoints (PyTorch eager fp32, bf16 / fp16 autocast): one set of rows each.
     ``json_path``: write the report there (and ``<same name>.png`` with ``plot``).
+    ``accuracies``: what verify measured for each file, by sha256 (``rslad_edge.bench.accuracy``), shown beside
+    its latency; its warnings join the report's.
     ``loader``: opens an artifact (default ``rslad_edge.runtime.load_runner``); tests pass their own.
     """
     config = TimingConfig(tuple(int(b) for b in batches), warmup, warmup_seconds, iters, seconds, min_iters)
@@ -107,7 +154,7 @@ def bench_artifacts(
         report = _bench_here(paths, device, config, threads=threads, precisions=precisions, arch=arch,
                              num_classes=num_classes, provider=provider, loader=loader, step=step)
 
-    _add_accuracy(report, verify_jsons)
+    _add_accuracy(report, accuracies or Accuracies())
     busy = busy_machine_warning(report.env.get("busy_cores_of_others"), report.env.get("cpu_cores_usable"))
     if busy and target is None:
         report.warnings.append(busy)
@@ -194,11 +241,9 @@ def _bench_over_ssh(paths: list[Path], target: SshTarget, config: TimingConfig, 
     return report
 
 
-def _add_accuracy(report: BenchReport, verify_jsons: Sequence[str | Path]) -> None:
-    artifacts = list(dict.fromkeys((Path(r.artifact), r.sha256) for r in report.results))
-    accuracies, warnings = find_accuracies(artifacts, [Path(p) for p in verify_jsons])
-    report.warnings.extend(warnings)
+def _add_accuracy(report: BenchReport, accuracies: Accuracies) -> None:
+    report.warnings.extend(w for w in accuracies.warnings if w not in report.warnings)
     for row in report.results:
-        accuracy = accuracies.get(row.sha256)
+        accuracy = accuracies.by_sha256.get(row.sha256)
         if accuracy is not None:
             row.clean_acc, row.robust_acc = accuracy.clean_acc, accuracy.robust_acc

@@ -9,13 +9,14 @@ test = subset(load_dataset("cifar10", "~/data", "test"), 1000, seed=0)   # same 
 from rslad_edge.data.augment import augment_batch, batches
 from rslad_edge.data.imagefolder import default_cache_dir
 from rslad_edge.data.imageset import ImageSet, subset, to_float
-from rslad_edge.data.registry import DATASET_NAMES, load_dataset
+from rslad_edge.data.registry import DATASET_NAMES, dataset_for_model, load_dataset
 
 __all__ = [
     "DATASET_NAMES",
     "ImageSet",
     "augment_batch",
     "batches",
+    "dataset_for_model",
     "default_cache_dir",
     "load_dataset",
     "subset",

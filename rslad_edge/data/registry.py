@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rslad_edge.data.cifar import CIFAR_LAYOUTS, load_cifar
 from rslad_edge.data.imagefolder import default_cache_dir, load_imagefolder
@@ -50,3 +52,22 @@ def load_dataset(
     assert key in CIFAR_LAYOUTS
     data_root = default_cache_dir() / "datasets" if root is None else Path(root).expanduser()
     return load_cifar(key, data_root, split, download=download)
+
+
+def dataset_for_model(
+    dataset: str | None, data_root: str | None, *model_metadata: Mapping[str, Any] | None
+) -> tuple[str, str | None]:
+    """The dataset (and its folder) a model is measured on: ``--dataset`` / ``--data-root`` when given, else what
+    the first of ``model_metadata`` that says so was trained on (a checkpoint's info or an exported artifact's
+    metadata), else cifar10. The one rule export (parity, calibration), verify and the pipeline share."""
+    trained_on, trained_root = None, None
+    for metadata in model_metadata:
+        meta = metadata or {}
+        inner = meta.get("meta") or {}
+        trained_on = meta.get("trained_on") or inner.get("dataset")
+        if trained_on:
+            trained_root = (inner.get("config") or {}).get("data_root")
+            break
+    name = str(dataset or trained_on or "cifar10")
+    root = data_root if data_root is not None else (trained_root if name == trained_on else None)
+    return name, root

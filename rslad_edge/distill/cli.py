@@ -123,12 +123,12 @@ def distill(
 
 
 def _run(cfg: DistillConfig, *, resume: bool, force: bool) -> None:
-    from rslad_edge.distill.trainer import train
+    from rslad_edge.distill.run import distill_student
 
     observer = RichObserver()
     try:
-        student_path = train(cfg, resume=resume, force=force, observer=observer)
+        result = distill_student(cfg, resume=resume, force=force, observer=observer)
     finally:
         observer.close()
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
-        console.print(f"[bold green]done[/]: {student_path}  (metrics: {Path(cfg.out) / 'metrics.jsonl'})")
+        console.print(f"[bold green]done[/]: {result.student.path}  (metrics: {result.metrics_file})")

@@ -128,13 +128,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset: str | None = None, file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None
+    preset: str | None = None, file_values: dict[str, Any] | None = None, cli_values: dict[str, Any] | None = None,
+    *, source: str = "the command line",
 ) -> DistillConfig:
-    """Merge preset, method recipe, config file and flags (None values in ``cli_values`` mean 'not given')."""
+    """Merge preset, method recipe, config file and flags (None values in ``cli_values`` mean 'not given');
+    ``source`` names where ``cli_values`` came from in error messages."""
     from rslad_edge.distill.methods import get_method
 
     file_values = dict(file_values or {})
-    cli_values = {k: v for k, v in _normalise_keys(cli_values or {}, "the command line").items() if v is not None}
+    cli_values = {k: v for k, v in _normalise_keys(cli_values or {}, source).items() if v is not None}
     preset = preset or cli_values.get("preset") or file_values.get("preset") or "paper"
     if preset not in PRESETS:
         raise unknown_name_error("--preset", preset, PRESETS)

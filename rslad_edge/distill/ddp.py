@@ -7,8 +7,10 @@ one forward per backward. Only rank 0 evaluates, logs and writes. NCCL on CUDA, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # this call created the process group, so its shutdown destroys it
 
     @property
     def is_main(self) -> bool:
@@ -38,20 +41,33 @@ def init_from_env() -> DistInfo:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
-    if not torch_dist.is_initialized():
+    owns_group = not torch_dist.is_initialized()
+    if owns_group:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch_dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    info = DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo(torch_dist.get_rank(), torch_dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")),
+                    owns_group)
     if not info.is_main:
         logging.getLogger("rslad_edge").setLevel(logging.WARNING)  # only rank 0 talks
     return info
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.world_size > 1 and torch_dist.is_initialized():
+    """Leave the process group if ``info`` created it; one joined from an enclosing run stays up for that run."""
+    if info.owns_group and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[DistInfo]:
+    """The process group for everything inside (several training runs share it), left when the block ends."""
+    info = init_from_env()
+    try:
+        yield info
+    finally:
+        shutdown(info)
 
 
 def all_reduce_gradients(model: nn.Module, info: DistInfo) -> None:

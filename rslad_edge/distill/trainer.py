@@ -32,7 +32,7 @@ from rslad_edge.attacks import get_attack, pgd, robust_correct
 from rslad_edge.data import ImageSet, augment_batch, load_dataset, subset, to_float
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
-from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
+from rslad_edge.distill.config import DistillConfig
 from rslad_edge.distill.methods import Method, StepLogits, get_method
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError
@@ -42,7 +42,7 @@ from rslad_edge.models.folding import BatchNormFoldedView, fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "student.pt", "teacher")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "student.pt")  # what one train() writes into --out
 
 
 class TrainingInterrupted(RsladEdgeError):
@@ -105,8 +105,8 @@ def train(
         _prepare_run_dir(out, force)
     dist.barrier()
 
-    if get_method(cfg.method).needs_teacher and cfg.teacher is None:
-        cfg = dataclasses.replace(cfg, teacher=str(_smoke_teacher(cfg, observer)))
+    if get_method(cfg.method).needs_teacher and cfg.teacher is None:  # the smoke teacher is distill_student's job
+        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
     run = _build(cfg, dist)
     if dist.is_main and not resume:
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
@@ -265,23 +265,6 @@ def _robustbench_teacher(name: str, dataset: str) -> nn.Module:
             f"--teacher robustbench:{name} needs the robustbench extra: pip install 'rslad-edge[robustbench]'"
         ) from exc
     return load_model(model_name=name, dataset=dataset, threat_model="Linf")
-
-
-def _smoke_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
-    """No --teacher: the smoke preset trains its own small robust teacher (SAT) under ``OUT/teacher``."""
-    if cfg.preset != "smoke":
-        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
-    teacher_dir = Path(cfg.out) / "teacher"
-    if (teacher_dir / "student.pt").exists():
-        return teacher_dir / "student.pt"
-    logger.info("smoke preset without --teacher: training a small robust teacher first (%s)", teacher_dir)
-    teacher_cfg = resolve_config(
-        "smoke",
-        cli_values={**SMOKE_TEACHER, "out": str(teacher_dir), "seed": cfg.seed, "device": cfg.device,
-                    "precision": cfg.precision, "dataset": cfg.dataset, "data_root": cfg.data_root},
-    )
-    resume = (teacher_dir / "checkpoints" / "last.pt").exists()
-    return train(teacher_cfg, resume=resume, force=not resume, observer=observer)
 
 
 # ---------------------------------------------------------------------------------------------------------- epoch

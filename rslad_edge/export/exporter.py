@@ -49,7 +49,8 @@ from rslad_edge.export.parity import ParityReport, compare_logits
 from rslad_edge.export.precision import quantize_int8, to_fp16
 from rslad_edge.export.trt_engine import TensorRTUnavailableError, build_engine, plan_build, trtexec_command
 from rslad_edge.io import sha256_file, write_json
-from rslad_edge.runtime.metadata import encode_props, sidecar_path
+from rslad_edge.record import Artifact
+from rslad_edge.runtime.metadata import encode_props, read_sidecar, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,23 @@ class ExportResult:
     @property
     def onnx_sidecar(self) -> Path:
         return sidecar_path(self.onnx_path)
+
+    def artifacts(self) -> list[Artifact]:
+        """What this export made, typed for the run record: the ONNX, then the engine when one was built."""
+        made = [Artifact.from_file(self.onnx_path, precision=self.metadata.get("precision", "fp32"),
+                                   metadata=self.metadata)]
+        if self.engine_path is not None:
+            made.append(Artifact.from_file(self.engine_path, precision=made[0].precision,
+                                           metadata=read_sidecar(self.engine_path)))
+        return made
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file written, sidecars included (what a re-run replaces)."""
+        paths = [self.onnx_path, self.onnx_sidecar]
+        if self.engine_path is not None:
+            paths += [self.engine_path, sidecar_path(self.engine_path)]
+        return paths
 
 
 @dataclass
@@ -123,14 +141,9 @@ def export(cfg: ExportConfig) -> ExportResult:
 
 def _load_data(cfg: ExportConfig, info: dict[str, Any], input_shape: tuple[int, int, int]) -> _Data:
     """Parity images from the test split; calibration images from the train split (int8 only)."""
-    from rslad_edge.data import load_dataset, subset, to_float
+    from rslad_edge.data import dataset_for_model, load_dataset, subset, to_float
 
-    meta = info.get("meta") or {}
-    trained_on = meta.get("dataset")
-    dataset = cfg.dataset or trained_on or "cifar10"
-    data_root = cfg.data_root
-    if data_root is None and dataset == trained_on:
-        data_root = (meta.get("config") or {}).get("data_root")
+    dataset, data_root = dataset_for_model(cfg.dataset, cfg.data_root, info)
 
     def load(split: str, n: int, purpose: str) -> Any:
         try:

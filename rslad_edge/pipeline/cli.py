@@ -12,6 +12,7 @@ from rich.table import Table
 from rslad_edge.console import console
 from rslad_edge.errors import GateFailedError
 from rslad_edge.pipeline.config import PRESET_YAML
+from rslad_edge.record import RunRecord
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
 
@@ -65,18 +66,18 @@ def pipeline_command(
         result = run_pipeline(sections, out, resume=resume, force=force, distill_observer=observer,
                               on_stage=on_stage)
     except GateFailedError:
-        _print_summary(out)  # the report was written: show what failed before the error line
+        _print_summary(RunRecord.load(out))  # the report was written: show what failed before the error line
         raise
     finally:
         observer.close()
-    _print_summary(result.out)
+    _print_summary(result.record)
     console.print(f"[bold green]done[/]: report {result.report_html} (and {result.report_md.name})")
 
 
-def _print_summary(out: Path) -> None:
+def _print_summary(record: RunRecord) -> None:
     from rslad_edge.pipeline.report import summary_table
 
-    header, rows = summary_table(out)
+    header, rows = summary_table(record)
     short = {"precision": "prec", "size MB": "MB", "worst case %": "worst %", "drop vs .pt (pp)": "drop pp",
              "p50 ms (b=1)": "p50 ms", "img/s (largest batch)": "img/s"}
     table = Table(title="artifacts: accuracy on the verify sample, latency on this machine", box=box.SIMPLE_HEAD,

@@ -1,18 +1,24 @@
 """The pipeline's configuration: one YAML with a section per stage, whose keys are that stage's CLI options.
 
 The presets are written as commented YAML, so ``rslad-edge pipeline --print-config --preset NAME`` prints exactly
-what a run of that preset uses, with the reasons, ready to edit.
+what a run of that preset uses, with the reasons, ready to edit. :func:`check_pipeline_config` turns every section
+into its stage's typed config before any stage runs: an unknown key (with a close match), a wrong type or an
+impossible value in any section is one line naming the section and the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
 
-from rslad_edge.errors import ConfigError, unknown_name_error
+from rslad_edge.errors import ConfigError, PipelineConfigError, unknown_name_error
 from rslad_edge.io import read_yaml_mapping
 
 STAGES = ("distill", "export", "verify", "bench")
@@ -135,3 +141,154 @@ def load_pipeline_config(
     for stage, section in (overrides or {}).items():
         sections[stage].update({k: v for k, v in section.items() if v is not None})
     return sections
+
+
+# Keys a section takes besides its stage config's fields (the pipeline runs a stage several times).
+PIPELINE_KEYS: dict[str, dict[str, Any]] = {
+    "distill": {},
+    "export": {"precisions": list[str]},
+    "verify": {"checkpoint_attacks": list[str], "export_attacks": list[str]},
+    "bench": {},
+}
+# Keys the pipeline sets itself: a section may not.
+OWNED_KEYS: dict[str, tuple[str, ...]] = {
+    "distill": ("out",),
+    "export": ("checkpoint", "out", "precision", "format"),
+    "verify": ("artifact", "reference", "json_path"),
+    "bench": (),
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every section as its stage's typed config, checked before any work. ``exports`` and ``verify_*`` are built
+    for ``OUT/student.pt``, the file distill will write; dataset and data root are distill's, resolved once."""
+
+    sections: dict[str, dict[str, Any]]  # as given (after presets and overrides), for the report and stage keys
+    distill: Any  # DistillConfig
+    exports: list[Any]  # ExportConfig per precision
+    verify_checkpoint: Any  # VerifyConfig for the student checkpoint (white-box suite)
+    verify_export: Any  # VerifyConfig template for each export (artifact replaced), with the student as reference
+    bench: Any  # BenchConfig
+    dataset: dict[str, str | None]
+
+
+def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, *, with_fp16: bool = False,
+                          engines: bool = False) -> PipelineConfig:
+    """Build every stage's config from ``sections``; raises :class:`PipelineConfigError` (exit 2) naming the
+    section and the key at fault. ``with_fp16`` / ``engines``: add fp16 / build TensorRT engines (a GPU is here)."""
+    from rslad_edge.attacks import parse_eps
+    from rslad_edge.bench.suite import BenchConfig
+    from rslad_edge.distill.config import DistillConfig, resolve_config
+    from rslad_edge.export import ExportConfig
+    from rslad_edge.verify import VerifyConfig
+    from rslad_edge.verify.suite import parse_attacks
+
+    out = Path(out)
+    distill = dict(sections["distill"])
+    for key in ("eps", "step_size"):  # written 8/255 in YAML, as on the command line
+        if isinstance(distill.get(key), str):
+            distill[key] = _in_section("distill", lambda k=key: parse_eps(distill[k]), key=key.replace("_", "-"))
+    distill = dict(_checked(distill, "distill", DistillConfig))
+    preset = distill.pop("preset", None)
+    distill_cfg = _in_section("distill", lambda: resolve_config(
+        preset, cli_values={**distill, "out": str(out)}, source="pipeline section 'distill'"))
+    dataset = {"name": distill_cfg.dataset, "root": distill_cfg.data_root}
+    student = out / "student.pt"
+
+    export = dict(_checked(sections["export"], "export", ExportConfig))
+    precisions = list(export.pop("precisions", ["fp32", "int8"]))
+    if with_fp16 and "fp16" not in precisions:
+        precisions.append("fp16")  # fp16 pays off on GPUs only
+    export.setdefault("dataset", dataset["name"])
+    export.setdefault("data_root", dataset["root"])
+    exports = [_in_section("export", lambda p=precision: ExportConfig(
+        checkpoint=student, precision=p, out=out / "export", format="trt" if engines else "onnx", **export))
+        for precision in precisions]
+
+    verify = dict(_checked(sections["verify"], "verify", VerifyConfig))
+    checkpoint_attacks = verify.pop("checkpoint_attacks", None)
+    export_attacks = verify.pop("export_attacks", None)
+    for key, names in (("checkpoint-attacks", checkpoint_attacks), ("export-attacks", export_attacks)):
+        if names is not None:
+            _in_section("verify", lambda names=names: parse_attacks(names), key=key)
+    verify.setdefault("dataset", dataset["name"])
+    verify.setdefault("data_root", dataset["root"])
+    max_drop = verify.pop("max_drop", None)
+    attacks = verify.pop("attacks", None)
+    verify_checkpoint = _in_section("verify", lambda: VerifyConfig(
+        artifact=student, attacks=attacks or checkpoint_attacks, **verify))
+    verify_export = _in_section("verify", lambda: VerifyConfig(
+        artifact=out / "export" / "student.onnx", reference=student, max_drop=max_drop,
+        attacks=attacks or export_attacks, **verify))
+
+    bench = _in_section("bench", lambda: BenchConfig(**_checked(sections["bench"], "bench", BenchConfig)))
+    return PipelineConfig(sections=sections, distill=distill_cfg, exports=exports,
+                          verify_checkpoint=verify_checkpoint, verify_export=verify_export, bench=bench,
+                          dataset=dataset)
+
+
+def _in_section(stage: str, build: Any, key: str | None = None) -> Any:
+    """``build()``, with a ConfigError's message prefixed by the section (and key) it came from."""
+    try:
+        return build()
+    except ConfigError as exc:
+        where = f"pipeline section '{stage}'" + (f", key '{key}'" if key else "")
+        message = str(exc)
+        raise PipelineConfigError(message if message.startswith("pipeline section") else f"{where}: {message}") \
+            from None
+
+
+def _checked(section: dict[str, Any], stage: str, cls: type) -> dict[str, Any]:
+    """``section`` with every key known to ``cls`` (or the pipeline) and every value of the field's type."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in OWNED_KEYS[stage]}
+    known.update(PIPELINE_KEYS[stage])
+    for key, value in section.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
+            owned = " (the pipeline sets it)" if key in OWNED_KEYS[stage] else ""
+            raise PipelineConfigError(f"pipeline section '{stage}': unknown key '{key.replace('_', '-')}'"
+                                      f"{owned or hint}")
+        if not _conforms(value, known[key]):
+            raise PipelineConfigError(f"pipeline section '{stage}', key '{key.replace('_', '-')}': expected "
+                                      f"{_describe(known[key])}, got {value!r}")
+    return section
+
+
+def _conforms(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, (list, tuple)) and all(_conforms(item, args[0]) for item in value if args)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is Path:
+        return isinstance(value, (str, Path))
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in typing.get_args(annotation) else "")
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        plural = {int: "integers", float: "numbers", str: "strings", Path: "paths"}
+        return f"a list of {plural.get(args[0], _describe(args[0]))}" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -1,8 +1,8 @@
-"""report.md and a self-contained report.html (inline CSS, figures as data URIs) from what the stages wrote.
+"""report.md and a self-contained report.html (inline CSS, figures as data URIs) from the run record.
 
-Everything shown is read from the run directory: ``metrics.jsonl`` (training), ``verify/*.json``,
-``bench/*.json`` (+ its PNG), ``pipeline.json``. Nothing is recomputed here, so the report cannot disagree with the
-files it summarises.
+Everything shown comes from the :class:`~rslad_edge.record.RunRecord` (accuracies, drops and gate verdicts as
+verify measured them) and the files it names: the training metrics, the bench JSON (+ its PNG). Nothing is
+recomputed and nothing is found by globbing, so the report shows exactly this run's results.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any
 import yaml
 
 from rslad_edge.io import atomic_write
+from rslad_edge.record import RunRecord, VerifyEntry
 
 logger = logging.getLogger(__name__)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+def _read_jsonl(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -37,53 +38,48 @@ def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _collect(out: Path) -> dict[str, Any]:
-    verify = [json.loads(p.read_text()) for p in sorted((out / "verify").glob("*.json"))]
-    bench_files = sorted((out / "bench").glob("*.json"))
-    bench = json.loads(bench_files[0].read_text()) if bench_files else {"results": [], "env": {}}
-    bench_png = bench_files[0].with_suffix(".png") if bench_files else None
-    state = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").exists() else {}
+def _collect(record: RunRecord) -> dict[str, Any]:
+    bench: dict[str, Any] = {"results": [], "env": {}, "warnings": []}
+    if record.bench is not None and record.bench.json_path.is_file():
+        bench = json.loads(record.bench.json_path.read_text())
+    bench_png = record.bench.plot_path if record.bench is not None else None
     return {
-        "metrics": _read_jsonl(out / "metrics.jsonl"),
-        "teacher_metrics": _read_jsonl(out / "teacher" / "metrics.jsonl"),
-        "verify": verify,
+        "metrics": _read_jsonl(record.metrics_files.get("student")),
+        "teacher_metrics": _read_jsonl(record.metrics_files.get("teacher")),
+        "artifacts": [(artifact, record.verify_entry(artifact)) for artifact in record.artifacts],
         "bench": bench,
         "bench_png": bench_png if bench_png and bench_png.exists() else None,
-        "state": state,
+        "stages": record.stages,
     }
 
 
-def _attack_names(verify: list[dict[str, Any]]) -> list[str]:
+def _attack_names(verify: list[VerifyEntry]) -> list[str]:
     names: list[str] = []
-    for record in verify:
-        for name in record.get("robust_acc", {}):
+    for entry in verify:
+        for name in entry.robust_acc:
             if name not in names:
                 names.append(name)
     return names
 
 
 def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """One row per artifact: size, accuracies, drop against the checkpoint, latency."""
-    attacks = _attack_names(data["verify"])
+    """One row per artifact: size, accuracies, drop against the checkpoint (as verify measured it), latency."""
+    attacks = _attack_names([entry for _, entry in data["artifacts"] if entry is not None])
     header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks], "worst case %",
               "drop vs .pt (pp)", "p50 ms (b=1)", "p99 ms (b=1)", "img/s (largest batch)"]
     bench_rows = data["bench"].get("results", [])
     rows = []
-    for record in data["verify"]:
-        name = Path(record["artifact"]).name
-        mine = [r for r in bench_rows if Path(r["artifact"]).name == name and r.get("precision") == record.get(
-            "precision", r.get("precision"))] or [r for r in bench_rows if Path(r["artifact"]).name == name]
+    for artifact, entry in data["artifacts"]:
+        mine = [r for r in bench_rows if r.get("sha256") == artifact.sha256]
+        mine = [r for r in mine if r.get("precision") == artifact.precision] or mine  # a checkpoint's fp32 rows
         smallest = min(mine, key=lambda r: r["batch"]) if mine else {}
         largest = max(mine, key=lambda r: r["batch"]) if mine else {}
-        reference = record.get("reference") or {}
-        drop = None
-        if reference.get("worst_case_acc") is not None and record.get("worst_case_acc") is not None:
-            drop = 100 * (reference["worst_case_acc"] - record["worst_case_acc"])
-        size = smallest.get("size_mb")
+        drop = entry.drop_pp if entry is not None else None
         rows.append([
-            name, str(record.get("precision", "–")), "–" if size is None else f"{size:.2f}",
-            _pct(record.get("clean_acc")), *[_pct(record.get("robust_acc", {}).get(a)) for a in attacks],
-            _pct(record.get("worst_case_acc")), "–" if drop is None else f"{drop:+.1f}",
+            artifact.name, artifact.precision, f"{artifact.size_mb:.2f}",
+            _pct(entry.clean_acc if entry else None),
+            *[_pct(entry.robust_acc.get(a) if entry else None) for a in attacks],
+            _pct(entry.worst_case_acc if entry else None), "–" if drop is None else f"{drop:+.1f}",
             _ms(smallest.get("p50_ms")), _ms(smallest.get("p99_ms")),
             "–" if not largest else f"{largest['images_per_s']:.0f} (b={largest['batch']})",
         ])
@@ -94,9 +90,9 @@ SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", "worst case %"
                    "img/s (largest batch)")
 
 
-def summary_table(out: str | Path) -> tuple[list[str], list[list[str]]]:
+def summary_table(record: RunRecord) -> tuple[list[str], list[list[str]]]:
     """The report's artifact table cut to the columns that fit a terminal (what the pipeline prints at the end)."""
-    header, rows = _artifact_rows(_collect(Path(out)))
+    header, rows = _artifact_rows(_collect(record))
     keep = [header.index(name) for name in SUMMARY_COLUMNS]
     return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
@@ -157,21 +153,15 @@ def _html_table(header: list[str], rows: list[list[str]], css_class: str) -> str
     return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _gate_lines(data: dict[str, Any], gate_failures: list[str]) -> list[str]:
-    lines = []
-    for record in data["verify"]:
-        gate = record.get("gate")
-        if gate:
-            verdict = "PASS" if gate.get("passed") else "FAIL"
-            lines.append(f"{verdict}: {Path(record['artifact']).name}: {gate.get('message', '')}".rstrip(": "))
-    if not lines:
-        lines.append("no gate was set (verify --max-drop)")
-    return lines
+def _gate_lines(data: dict[str, Any]) -> list[str]:
+    lines = [f"{'PASS' if entry.gate.passed else 'FAIL'}: {artifact.name}: {entry.gate.message}"
+             for artifact, entry in data["artifacts"] if entry is not None and entry.gate is not None]
+    return lines or ["no gate was set (verify --max-drop)"]
 
 
 def _warnings(data: dict[str, Any]) -> list[str]:
-    return [f"{Path(r['artifact']).name}: {w}" for r in data["verify"] for w in r.get("warnings", [])] + list(
-        data["bench"].get("warnings", []))
+    return [f"{artifact.name}: {w}" for artifact, entry in data["artifacts"] if entry is not None
+            for w in entry.warnings] + list(data["bench"].get("warnings", []))
 
 
 CSS = """
@@ -185,23 +175,23 @@ pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.82rem} img{max-wid
 """
 
 
-def write_report(out: str | Path, sections: dict[str, Any], gate_failures: list[str]) -> tuple[Path, Path]:
-    """Write ``report.md`` (figures in ``report_files/``) and the self-contained ``report.html``."""
-    out = Path(out)
-    data = _collect(out)
+def write_report(record: RunRecord, sections: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures in ``report_files/``) and the self-contained ``report.html`` of the run
+    ``record`` describes; ``sections``: the configuration it ran with."""
+    out = record.root
+    data = _collect(record)
     summary_header, summary_rows = _artifact_rows(data)
     latency_header, latency_rows = _latency_rows(data)
     training_png = _training_png(data["metrics"], data["teacher_metrics"])
     bench_png = data["bench_png"].read_bytes() if data["bench_png"] else None
-    gates = _gate_lines(data, gate_failures)
+    gates = _gate_lines(data)
     warnings = _warnings(data)
     config_yaml = yaml.safe_dump(sections, sort_keys=False)
     env = data["bench"].get("env", {})
     env_yaml = yaml.safe_dump(env, sort_keys=False) if env else "(no bench results)"
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     final = data["metrics"][-1] if data["metrics"] else {}
-    stage_lines = [f"{name}: {entry.get('seconds', 0):.0f} s" for name, entry in
-                   data["state"].get("stages", {}).items() if entry.get("finished")]
+    stage_lines = [f"{name}: {entry.seconds or 0:.0f} s" for name, entry in data["stages"].items() if entry.finished]
 
     figures_dir = out / "report_files"
     md = [f"# rslad-edge report: {out.name}", "", f"Written {stamp}. Stage times: {', '.join(stage_lines) or '–'}.",

@@ -1,32 +1,41 @@
 """distill -> export -> verify -> bench -> report, composed from each stage's public function.
 
-Every stage has a key: the hash of its own config and of the files it reads. ``pipeline.json`` in the run directory
-records the key each finished stage ran with; a re-run with ``--resume`` skips a stage whose key is unchanged and
-whose outputs exist, so an interrupted pipeline continues where it stopped (distillation itself resumes from its
-last checkpoint). A failed verify gate does not stop the pipeline: bench and the report still run, the report shows
-the verdict, and the command exits 3 at the end.
+The whole configuration is checked first (:func:`check_pipeline_config`): nothing is written before every section
+is a valid typed config. Each stage function returns a typed result; the pipeline keeps them in a
+:class:`~rslad_edge.record.RunRecord` and writes ``run.json`` after every stage. The next stages, the gate and the
+report read that record, never a glob of a stage's folder.
+
+Every stage has a key: the hash of its own config and of the files it reads (their sha256). ``--resume`` skips a
+stage whose key is unchanged and whose outputs exist, so an interrupted pipeline continues where it stopped
+(distillation itself resumes from its last checkpoint). A stage that runs again first removes the files it wrote
+last time (as listed in the record), so a changed configuration never leaves stale results beside the new ones.
+A failed verify gate does not stop the pipeline: bench and the report still run, the report shows the verdict,
+and the command exits 3 at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rslad_edge.errors import ConfigError, GateFailedError, RunDirError
-from rslad_edge.io import sha256_file, write_json
-from rslad_edge.pipeline.config import STAGES
+from rslad_edge.errors import GateFailedError, RunDirError
+from rslad_edge.pipeline.config import STAGES, PipelineConfig, check_pipeline_config
+from rslad_edge.record import RECORD_FILE, Artifact, BenchEntry, GateVerdict, RunRecord, StageEntry, VerifyEntry
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "pipeline.json"
-PIPELINE_OUTPUTS = ("export", "verify", "bench", "report.md", "report.html", "report_files", STATE_FILE)
+LEGACY_STATE_FILE = "pipeline.json"  # rslad-edge 0.x kept its stage keys here
+PIPELINE_OUTPUTS = ("export", "verify", "bench", "report.md", "report.html", "report_files", RECORD_FILE,
+                    LEGACY_STATE_FILE)
 
 
 @dataclass
@@ -34,47 +43,13 @@ class PipelineResult:
     out: Path
     report_html: Path
     report_md: Path
+    record: RunRecord
     skipped: list[str] = field(default_factory=list)
     gate_failures: list[str] = field(default_factory=list)
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class _State:
-    """``pipeline.json``: per stage, the key it last finished with and its outputs."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.path = out / STATE_FILE
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
-
-    def done(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
-        return bool(entry and entry.get("key") == key and entry.get("finished")
-                    and all((self.out / p).exists() for p in entry.get("outputs", [])))
-
-    def outputs(self, stage: str) -> list[str]:
-        return [str(self.out / p) for p in self.data["stages"][stage].get("outputs", [])]
-
-    def started(self, stage: str, key: str) -> bool:
-        entry = self.data["stages"].get(stage)
-        return bool(entry and entry.get("key") == key)
-
-    def mark(self, stage: str, key: str, *, finished: bool, outputs: list[str] | None = None, **extra: Any) -> None:
-        # Outputs relative to the run directory, so a moved or copied run still resumes.
-        relative = [str(Path(p).resolve().relative_to(self.out.resolve())) for p in outputs or []]
-        self.data["stages"][stage] = {"key": key, "finished": finished, "outputs": relative, **extra}
-        write_json(self.path, self.data)
-
-
-def _dataclass_kwargs(cls: type, section: dict[str, Any], stage: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = [k for k in section if k not in names and k not in skip]
-    if unknown:
-        raise ConfigError(f"pipeline section '{stage}': unknown option '{unknown[0]}'")
-    return {k: v for k, v in section.items() if k in names}
 
 
 def run_pipeline(
@@ -89,76 +64,39 @@ def run_pipeline(
     """Run every stage into ``out``; ``on_stage(stage, status)`` is told "run" or "skip" for each."""
     out = Path(out)
     say = on_stage or (lambda stage, status: None)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out '{out}' is a file, not a directory")
-    if (out / STATE_FILE).exists() and not (resume or force):
-        raise RunDirError(f"--out '{out}' already holds a pipeline run: pass --resume to continue it (finished stages "
-                          "are skipped) or --force to start over (which deletes it)")
-    if force:
-        for name in PIPELINE_OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    state = _State(out)
-    result = PipelineResult(out=out, report_html=out / "report.html", report_md=out / "report.md")
-    timings: dict[str, float] = {}
+    cfg = check_pipeline_config(sections, out, with_fp16=_cuda_available(), engines=_tensorrt_available())
+    record = _open_record(out, resume=resume, force=force)
+    record.dataset = cfg.dataset
+    result = PipelineResult(out=out, report_html=out / "report.html", report_md=out / "report.md", record=record)
 
-    def stage(name: str, key: str, run: Callable[[], list[str]]) -> list[str]:
-        if state.done(name, key):
+    def stage(name: str, key: str, run: Callable[[], list[Path]]) -> None:
+        previous = record.stages.get(name)
+        if previous and previous.key == key and previous.finished and all(
+                (out / p).exists() for p in previous.outputs):
             say(name, "skip")
             result.skipped.append(name)
-            return state.outputs(name)
+            return
         say(name, "run")
+        if previous and previous.finished and name != "distill":  # distill resumes or restarts its own run dir
+            _remove(out, previous.outputs)
+        record.stages[name] = StageEntry(key)
+        record.save()
         started = time.perf_counter()
         outputs = run()
-        timings[name] = time.perf_counter() - started
-        state.mark(name, key, finished=True, outputs=outputs, seconds=timings[name])
-        return outputs
+        record.stages[name] = StageEntry(key, finished=True, seconds=round(time.perf_counter() - started, 1),
+                                         outputs=[str(Path(p).resolve().relative_to(out.resolve())) for p in outputs])
+        record.save()
 
-    # -- distill
-    from rslad_edge.distill.config import resolve_config
-    from rslad_edge.distill.trainer import train
+    _run_distill(cfg, record, stage, distill_observer)
+    _run_export(cfg, record, stage)
+    _run_verify(cfg, record, stage)
+    result.gate_failures = record.gate_failures()
+    _run_bench(cfg, record, stage)
 
-    distill_section = dict(sections["distill"])
-    distill_cfg = resolve_config(distill_section.pop("preset", None), cli_values={**distill_section, "out": str(out)})
-    distill_key = _key({k: v for k, v in distill_cfg.to_dict().items() if k != "out"})
-
-    def run_distill() -> list[str]:
-        can_resume = state.started("distill", distill_key) and (out / "checkpoints" / "last.pt").exists()
-        state.mark("distill", distill_key, finished=False)
-        student = train(distill_cfg, resume=can_resume, force=not can_resume, observer=distill_observer)
-        return [str(student)]
-
-    (student_path,) = stage("distill", distill_key, run_distill)
-    student_path = Path(student_path)
-    student_sha = sha256_file(student_path)
-
-    # -- export
-    artifacts = [student_path] + [Path(p) for p in stage(
-        "export", _key(sections["export"], student_sha),
-        lambda: _export_all(sections["export"], student_path, out / "export", distill_cfg),
-    )]
-
-    # -- verify
-    artifact_shas = [sha256_file(p) for p in artifacts]
-    verify_outputs = stage(
-        "verify", _key(sections["verify"], artifact_shas),
-        lambda: _verify_all(sections["verify"], artifacts, student_path, out / "verify", distill_cfg),
-    )
-    result.gate_failures = _gate_failures(verify_outputs)
-
-    # -- bench
-    stage("bench", _key(sections["bench"], artifact_shas, verify_outputs),
-          lambda: _bench_all(sections["bench"], artifacts, verify_outputs, out / "bench"))
-
-    # -- report (always: it is cheap and reads everything above)
-    from rslad_edge.pipeline.report import write_report
+    from rslad_edge.pipeline.report import write_report  # always: it is cheap and reads the record
 
     say("report", "run")
-    write_report(out, sections, result.gate_failures)
+    write_report(record, sections)
     if result.gate_failures:
         raise GateFailedError(
             "verify gate failed: " + "; ".join(result.gate_failures) + f". The report is {result.report_html}"
@@ -166,94 +104,148 @@ def run_pipeline(
     return result
 
 
-def _export_all(section: dict[str, Any], student: Path, export_dir: Path, distill_cfg: Any) -> list[str]:
+StageFn = Callable[[str, str, Callable[[], list[Path]]], None]
+
+
+def _run_distill(cfg: PipelineConfig, record: RunRecord, stage: StageFn, observer: Any) -> None:
+    from rslad_edge.distill import distill_student
+
+    out = record.root
+    key = _key({k: v for k, v in cfg.distill.to_dict().items() if k != "out"})
+
+    def run() -> list[Path]:
+        previous = record.stages.get("distill")
+        can_resume = bool(previous and previous.key == key and (out / "checkpoints" / "last.pt").exists())
+        distilled = distill_student(cfg.distill, resume=can_resume, force=not can_resume, observer=observer)
+        record.student, record.teacher = distilled.student, distilled.teacher
+        record.metrics_files = {"student": distilled.metrics_file}
+        if distilled.teacher_metrics_file is not None:
+            record.metrics_files["teacher"] = distilled.teacher_metrics_file
+        return [distilled.student.path, distilled.metrics_file]
+
+    stage("distill", key, run)
+    assert record.student is not None
+    record.student = _current(record.student)  # the file as it is now (a skipped stage: as the record left it)
+
+
+def _run_export(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
+    from rslad_edge.export import export
+
+    assert record.student is not None
+
+    def run() -> list[Path]:
+        record.exports, files = [], []
+        for export_cfg in cfg.exports:
+            exported = export(export_cfg)
+            record.exports += exported.artifacts()
+            files += exported.files
+        return files
+
+    made = [(export_cfg.precision, export_cfg.format) for export_cfg in cfg.exports]
+    stage("export", _key(cfg.sections["export"], cfg.dataset, record.student.sha256, made), run)
+    record.exports = [_current(artifact) for artifact in record.exports]
+
+
+def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
+    """Every artifact on the same seeded images; each export against the student checkpoint, its reference."""
+    from rslad_edge.verify import verify_artifact
+    from rslad_edge.verify.report import WORST_CASE_ROW
+
+    student = record.student
+    assert student is not None
+    artifacts = record.artifacts
+
+    def run() -> list[Path]:
+        record.verify = []
+        for artifact in artifacts:
+            is_student = artifact.sha256 == student.sha256 and artifact.kind == "checkpoint"
+            template = cfg.verify_checkpoint if is_student else cfg.verify_export
+            verify_cfg = dataclasses.replace(template, artifact=artifact.path,
+                                             json_path=record.root / "verify" / f"{artifact.name}.json")
+            report = verify_artifact(verify_cfg)
+            gate = report.gate_verdict(verify_cfg.max_drop) if verify_cfg.max_drop is not None else None
+            record.verify.append(VerifyEntry(
+                artifact_sha256=artifact.sha256, json_path=verify_cfg.json_path, clean_acc=report.clean_acc,
+                robust_acc=dict(report.robust_acc), worst_case_acc=report.worst_case_acc,
+                drop_pp=report.drop_pp(WORST_CASE_ROW), drop_ci95_pp=report.drop_ci95_pp(WORST_CASE_ROW),
+                reference_sha256=None if is_student else student.sha256,
+                gate=GateVerdict(**gate) if gate is not None else None, warnings=list(report.warnings),
+            ))
+        return [entry.json_path for entry in record.verify]
+
+    stage("verify", _key(cfg.sections["verify"], cfg.dataset, [a.sha256 for a in artifacts]), run)
+
+
+def _run_bench(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
+    from rslad_edge.bench import bench_artifacts
+    from rslad_edge.bench.accuracy import accuracies_from_record
+
+    artifacts = record.artifacts
+    accuracies = accuracies_from_record(record)
+    bench_cfg = cfg.bench
+
+    def run() -> list[Path]:
+        device = bench_cfg.resolved_device()
+        json_path = record.root / "bench" / f"{device}.json"
+        plot = bench_cfg.plot and importlib.util.find_spec("matplotlib") is not None
+        bench_artifacts([a.path for a in artifacts], device=device, batches=bench_cfg.batch, warmup=bench_cfg.warmup,
+                        warmup_seconds=bench_cfg.warmup_seconds, iters=bench_cfg.iters, seconds=bench_cfg.seconds,
+                        min_iters=bench_cfg.min_iters, threads=bench_cfg.threads, precisions=bench_cfg.precision,
+                        provider=bench_cfg.provider, accuracies=accuracies, json_path=json_path, plot=plot)
+        record.bench = BenchEntry(device=device, batches=list(bench_cfg.batch), json_path=json_path,
+                                  plot_path=json_path.with_suffix(".png") if plot else None)
+        return [json_path] + ([record.bench.plot_path] if record.bench.plot_path else [])
+
+    accuracy_key = {sha: (a.clean_acc, a.robust_acc) for sha, a in accuracies.by_sha256.items()}
+    stage("bench", _key(cfg.sections["bench"], [a.sha256 for a in artifacts], accuracy_key), run)
+
+
+def _open_record(out: Path, *, resume: bool, force: bool) -> RunRecord:
+    """The run's record: loaded with --resume, new otherwise; refuses to overwrite a run without --force."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out '{out}' is a file, not a directory")
+    has_record = (out / RECORD_FILE).exists()
+    if (has_record or (out / LEGACY_STATE_FILE).exists()) and not (resume or force):
+        raise RunDirError(f"--out '{out}' already holds a pipeline run: pass --resume to continue it (finished stages "
+                          "are skipped) or --force to start over (which deletes it)")
+    if resume and not force and not has_record and (out / LEGACY_STATE_FILE).exists():
+        raise RunDirError(f"{out / LEGACY_STATE_FILE} was written by an older rslad-edge that kept no run record: "
+                          "start the run over with --force")
+    if force:
+        _remove(out, PIPELINE_OUTPUTS)
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        return RunRecord(root=out)
+    return RunRecord.load(out) if has_record else RunRecord(root=out)
+
+
+def _current(artifact: Artifact) -> Artifact:
+    """The artifact as its file is now: the same path, precision and metadata, the file's own sha256 and size
+    (hashed once per process; a file changed behind the record's back changes the keys of the stages after)."""
+    return Artifact.from_file(artifact.path, precision=artifact.precision, metadata=artifact.metadata)
+
+
+def _remove(out: Path, names: Any) -> None:
+    """Delete ``names`` (paths relative to the run directory); never anything outside it."""
+    root = out.resolve()
+    for name in names:
+        path = (out / name).resolve()
+        if root not in path.parents:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _cuda_available() -> bool:
     import torch
 
-    from rslad_edge.export import ExportConfig, export
-
-    options = dict(section)
-    precisions = list(options.pop("precisions", ["fp32", "int8"]))
-    if torch.cuda.is_available() and "fp16" not in precisions:
-        precisions.append("fp16")  # fp16 pays off on GPUs only
-    build_engines = _tensorrt_available()
-    kwargs = _dataclass_kwargs(ExportConfig, options, "export")
-    kwargs.setdefault("dataset", distill_cfg.dataset)
-    kwargs.setdefault("data_root", distill_cfg.data_root)
-    outputs = []
-    for precision in precisions:
-        result = export(ExportConfig(checkpoint=student, precision=precision, out=export_dir,
-                                     format="trt" if build_engines else "onnx", **kwargs))
-        outputs.append(str(result.onnx_path))
-        if result.engine_path is not None:
-            outputs.append(str(result.engine_path))
-    return outputs
+    return torch.cuda.is_available()
 
 
 def _tensorrt_available() -> bool:
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
-
-
-def _verify_all(section: dict[str, Any], artifacts: list[Path], student: Path, verify_dir: Path,
-                distill_cfg: Any) -> list[str]:
-    """Verify every artifact on the same seeded images; exports against the student checkpoint (their reference).
-    The gate's verdict goes into each JSON (``"gate"``) for the report and the final exit code."""
-    from rslad_edge.verify import VerifyConfig, verify_artifact
-
-    section = dict(section)
-    # The checkpoint and the exports get different attacks (white-box vs transfer + Square): one list each.
-    checkpoint_attacks = section.pop("checkpoint_attacks", None)
-    export_attacks = section.pop("export_attacks", None)
-    options = _dataclass_kwargs(VerifyConfig, section, "verify")
-    options.setdefault("dataset", distill_cfg.dataset)
-    options.setdefault("data_root", distill_cfg.data_root)
-    max_drop = options.pop("max_drop", None)
-    outputs = []
-    for artifact in artifacts:
-        is_student = artifact == student
-        attacks = options.get("attacks") or (checkpoint_attacks if is_student else export_attacks)
-        cfg = VerifyConfig(artifact=artifact, reference=None if is_student else student,
-                           max_drop=None if is_student else max_drop, **{**options, "attacks": attacks})
-        report = verify_artifact(cfg)
-        record = report.to_json()
-        if cfg.max_drop is not None:
-            record["gate"] = report.gate_verdict(cfg.max_drop)
-        json_path = verify_dir / f"{artifact.name}.json"
-        write_json(json_path, record)
-        outputs.append(str(json_path))
-    return outputs
-
-
-def _gate_failures(verify_jsons: list[str]) -> list[str]:
-    failures = []
-    for path in verify_jsons:
-        record = json.loads(Path(path).read_text())
-        gate = record.get("gate") or {}
-        if gate.get("passed") is False:
-            failures.append(f"{Path(record['artifact']).name}: {gate.get('message', 'drop above --max-drop')}")
-    return failures
-
-
-def _bench_all(section: dict[str, Any], artifacts: list[Path], verify_jsons: list[str], bench_dir: Path) -> list[str]:
-    import importlib.util
-
-    from rslad_edge.bench import bench_artifacts
-
-    options = dict(section)
-    device = options.pop("device", "cpu")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    batches = options.pop("batch", [1, 64])
-    json_path = bench_dir / f"{device}.json"
-    plot = importlib.util.find_spec("matplotlib") is not None
-    bench_artifacts(artifacts, device=device, batches=batches, verify_jsons=verify_jsons, json_path=json_path,
-                    plot=plot, **options)
-    return [str(json_path)]
+    return _cuda_available() and importlib.util.find_spec("tensorrt") is not None
 
 
 __all__ = ["STAGES", "PipelineResult", "run_pipeline"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from rslad_edge.attacks import parse_eps
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
-from rslad_edge.data import ImageSet, load_dataset, subset, to_float
+from rslad_edge.data import ImageSet, dataset_for_model, load_dataset, subset, to_float
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
 from rslad_edge.runtime import CHECKPOINT_SUFFIXES, Runner, load_runner
@@ -70,14 +70,18 @@ class VerifyConfig:
                 raise ConfigError("--max-drop needs --reference: the drop is measured against the reference")
         if self.attacks is not None:
             self.attacks = [attack.name for attack in parse_attacks(self.attacks)]  # unknown names fail here, early
-        for flag, path in [("ARTIFACT", self.artifact), ("--reference", self.reference),
-                           *(("--source", source) for source in self.sources)]:
-            if path is not None and not path.is_file():
-                raise ConfigError(f"{flag} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
         for flag, path in [("--reference", self.reference), *(("--source", source) for source in self.sources)]:
             if path is not None and path.suffix.lower() not in CHECKPOINT_SUFFIXES:
                 raise ConfigError(f"{flag} {path} must be a PyTorch checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}): "
                                   "its gradients craft the transfer attacks")
+
+    def check_files(self) -> None:
+        """The artifact, reference and sources exist (checked when verify starts, not on creation, so a pipeline
+        validates its verify section before the files are made)."""
+        for flag, path in [("ARTIFACT", self.artifact), ("--reference", self.reference),
+                           *(("--source", source) for source in self.sources)]:
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{flag} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
 
     def to_json(self) -> dict[str, Any]:
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()} | {
@@ -86,6 +90,7 @@ class VerifyConfig:
 
 def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> VerifyReport:
     """Open the models, load the data, run :func:`verify`, write ``cfg.json_path``; the gate is the caller's."""
+    cfg.check_files()
     runner = _open(cfg.artifact, cfg)
     reference = _open(cfg.reference, cfg) if cfg.reference is not None else None
     sources = [reference] if reference is not None else []
@@ -94,7 +99,8 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
             continue  # already a source
         sources.append(_open(path, cfg))
 
-    dataset, data_root = _dataset_choice(cfg, runner, reference)
+    dataset, data_root = dataset_for_model(cfg.dataset, cfg.data_root, getattr(runner, "metadata", None),
+                                           getattr(reference, "metadata", None))
     images, notes = load_verify_images(dataset, data_root, cfg.n, cfg.seed, runner)
     report = verify(
         runner, to_float(images.images), images.labels, attacks=cfg.attacks, eps=cfg.eps, reference=reference,
@@ -157,16 +163,3 @@ def _is_self_describing(path: Path) -> bool:
     from rslad_edge.models.checkpoint import FORMAT, read_checkpoint
 
     return read_checkpoint(path).get("format") == FORMAT
-
-
-def _dataset_choice(cfg: VerifyConfig, runner: Runner, reference: Runner | None) -> tuple[str, str | None]:
-    """--dataset, else what the artifact (or the reference) was trained on, else cifar10; the data root likewise."""
-    if cfg.dataset is not None:
-        return cfg.dataset, cfg.data_root
-    for model in (runner, reference):
-        meta = getattr(model, "metadata", None) or {}
-        trained_on = meta.get("trained_on") or (meta.get("meta") or {}).get("dataset")
-        if trained_on:
-            root = cfg.data_root or ((meta.get("meta") or {}).get("config") or {}).get("data_root")
-            return str(trained_on), root
-    return "cifar10", cfg.data_root

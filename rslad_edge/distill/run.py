@@ -1,0 +1,99 @@
+"""``distill_student(cfg) -> DistillResult``: the distill stage as the CLI and the pipeline run it.
+
+It owns what happens around one call of :func:`rslad_edge.distill.trainer.train`: the process group under
+``torchrun`` (joined once here, so every training run inside shares it), the run directory check, and the smoke
+preset's own teacher, which is a second, complete training run under ``OUT/teacher`` done *before* the student's
+(``train`` never calls itself: a nested run would shut down the process group the outer one still needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from rslad_edge.distill import ddp
+from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
+from rslad_edge.distill.methods import get_method
+from rslad_edge.distill.trainer import RUN_FILES, TrainObserver, train
+from rslad_edge.errors import ConfigError, RunDirError
+from rslad_edge.record import Artifact
+
+logger = logging.getLogger(__name__)
+
+TEACHER_DIR = "teacher"
+TEACHER_SHARES = ("seed", "device", "precision", "dataset", "data_root", "epochs", "milestones", "batch_size",
+                  "train_subset", "eval_n", "eval_every", "attack_steps", "step_size", "eps")
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What the distill stage made: the student (the selected checkpoint), its metrics, and the smoke teacher."""
+
+    student: Artifact
+    metrics_file: Path
+    config: DistillConfig  # as run (with the teacher it used)
+    teacher: Artifact | None = None  # the smoke preset's own teacher, when this run trained one
+    teacher_metrics_file: Path | None = None
+
+
+def distill_student(
+    cfg: DistillConfig, *, resume: bool = False, force: bool = False, observer: TrainObserver | None = None
+) -> DistillResult:
+    """Train the student ``cfg`` describes into ``cfg.out`` (first the smoke preset's teacher, when it needs one).
+
+    ``resume``: continue the run in ``cfg.out`` (and its teacher's); ``force``: delete it first. Without either, an
+    existing run is refused before anything is trained.
+    """
+    out = Path(cfg.out)
+    with ddp.process_group() as dist:
+        if not resume:
+            if dist.is_main:
+                _check_run_dir(out, force)
+            dist.barrier()
+        teacher_dir = out / TEACHER_DIR
+        trains_own_teacher = get_method(cfg.method).needs_teacher and cfg.teacher is None
+        if trains_own_teacher:
+            cfg = dataclasses.replace(cfg, teacher=str(_smoke_teacher(cfg, observer)))
+        student = train(cfg, resume=resume, observer=observer)
+    return DistillResult(
+        student=Artifact.from_file(student, metadata={"method": cfg.method, "arch": cfg.student}),
+        metrics_file=out / "metrics.jsonl",
+        config=cfg,
+        teacher=Artifact.from_file(teacher_dir / "student.pt") if trains_own_teacher else None,
+        teacher_metrics_file=teacher_dir / "metrics.jsonl" if trains_own_teacher else None,
+    )
+
+
+def _check_run_dir(out: Path, force: bool) -> None:
+    """Refuse an existing run without --force; with it, delete only what a run writes (the teacher's too)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out '{out}' is a file, not a directory")
+    existing = [name for name in (*RUN_FILES, TEACHER_DIR) if (out / name).exists()]
+    if existing and not force:
+        raise RunDirError(
+            f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it or --force to "
+            "start over (which deletes it)"
+        )
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _smoke_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
+    """No --teacher: the smoke preset trains its own small robust teacher (SAT) under ``OUT/teacher``, resuming it
+    when it was interrupted and reusing it when it finished."""
+    if cfg.preset != "smoke":
+        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
+    teacher_dir = Path(cfg.out) / TEACHER_DIR
+    if (teacher_dir / "student.pt").exists():
+        return teacher_dir / "student.pt"
+    logger.info("smoke preset without --teacher: training a small robust teacher first (%s)", teacher_dir)
+    # The teacher gets the run's data, device and budget (a shortened smoke run shortens its teacher too); its
+    # method, architecture and lr are SMOKE_TEACHER's.
+    shared = {key: getattr(cfg, key) for key in TEACHER_SHARES}
+    teacher_cfg = resolve_config("smoke", cli_values={**shared, **SMOKE_TEACHER, "out": str(teacher_dir)})
+    resume = (teacher_dir / "checkpoints" / "last.pt").exists()
+    return train(teacher_cfg, resume=resume, force=not resume, observer=observer)
