@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bench_support import tiny_checkpoint, tiny_onnx, write_verify_json
+from bench_support import tiny_checkpoint, tiny_onnx, write_verify_json
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app

@@ -7,7 +7,7 @@ captured outputs in ../shared/samples (skipped where that folder is absent).
 from __future__ import annotations
 
 import pytest
-from test_bench_support import FIXTURES, SAMPLES
+from bench_support import FIXTURES, SAMPLES
 
 from rslad_edge.bench.jetson import (
     TegrastatsSample,

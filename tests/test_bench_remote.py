@@ -2,7 +2,7 @@
 
 The server is Debian's ``sshd`` with its own host key, an authorized key and a PATH (``SetEnv``) that puts
 stand-in ``trtexec``, ``tegrastats``, ``nvpmodel`` and ``jetson_clocks`` scripts first (POSIX sh, written by
-``test_bench_support.write_standins``); they accept only the flags the real tools accept, check the ones
+``bench_support.write_standins``); they accept only the flags the real tools accept, check the ones
 rslad-edge relies on, and print the real tools' formats. Tests that go through them say "standin" in their name.
 Everything else (ssh, scp, host key checking, the remote script, copying results back, parsing) is the production
 path. Skipped, with the reason, where sshd cannot be started.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bench_support import FIXTURES, tiny_onnx, write_standins, write_tool
+from bench_support import FIXTURES, tiny_onnx, write_standins, write_tool
 from typer.testing import CliRunner
 
 from rslad_edge.bench import RemoteError, SshTarget, bench_artifacts, remote

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_support import tiny_onnx
 from fitted_models import ridge_fitted_smallcnn
-from test_bench_support import tiny_onnx
 from typer.testing import CliRunner
 
 from rslad_edge.bench.accuracy import find_accuracies

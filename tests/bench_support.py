@@ -1,7 +1,7 @@
 """Helpers shared by the bench tests (no tests here): a tiny ONNX model, a tiny checkpoint, fake runners, and
 stand-ins for the Jetson tools (trtexec, tegrastats, nvpmodel, jetson_clocks) as POSIX sh scripts.
 
-Imported as ``from test_bench_support import ...`` (pytest puts tests/ on sys.path: tests/ is not a package).
+Imported as ``from bench_support import ...`` (pytest puts tests/ on sys.path: tests/ is not a package).
 """
 
 from __future__ import annotations
