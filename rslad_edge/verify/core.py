@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rslad_edge.attacks import AttackSpec, autoattack, check_eps, run_white_box, square
+from rslad_edge.attacks import AttackSpec, adversarial_examples, check_eps, evaluate_attack
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.runtime import Runner
@@ -140,7 +140,7 @@ def verify(
             spec = replace(attack.spec, n_queries=square_queries, seed=seed)
             for model in targets:
                 flags, stats = _square(attack.name, spec, model, x, y, clean_correct[id(model)], eps=eps,
-                                       progress=progress)
+                                       batch_size=batch_size, progress=progress)
                 results[id(model)].robust_correct[attack.name] = flags
                 results[id(model)].queries[attack.name] = stats
         attack_seconds[attack.name] = time.perf_counter() - attack_started
@@ -174,24 +174,14 @@ def _white_box(
     name: str, spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor, *,
     eps: float, batch_size: int, seed: int, progress: ProgressFn | None,
 ) -> torch.Tensor:
-    """(N,) bool: correct on the clean image and on the attack's image; only clean-correct images are attacked."""
+    """(N,) bool: correct on the clean image and on the attack's image; judged by the model's own runtime."""
     assert model.model_fn is not None  # _check_runnable
-    robust = clean_correct.clone()
-    attacked = clean_correct.nonzero().flatten()
     generator = torch.Generator(device=model.device).manual_seed(seed)  # PGD's random starts
-    task = f"{name} on {model.label}"
-    _report(progress, task, 0, len(attacked))
-    for start in range(0, len(attacked), batch_size):
-        index = attacked[start : start + batch_size]
-        x_batch, y_batch = x[index].to(model.device), y[index].to(model.device)
-        if spec.kind == "autoattack":
-            x_adv = autoattack(model.model_fn, x_batch, y_batch, eps=eps, version=spec.version,
-                               batch_size=batch_size, seed=spec.seed)
-        else:
-            x_adv = run_white_box(spec, model.model_fn, x_batch, y_batch, eps=eps, generator=generator)
-        robust[index] = model.labels(x_adv.cpu()) == y[index]
-        _report(progress, task, min(start + batch_size, len(attacked)), len(attacked))
-    return robust
+    outcome = evaluate_attack(
+        model.model_fn, x, y, spec, eps=eps, batch_size=batch_size, generator=generator, device=model.device,
+        clean_correct=clean_correct, predict=model.labels, progress=_task(progress, f"{name} on {model.label}"),
+    )
+    return outcome.robust_correct
 
 
 def _transfer(
@@ -224,35 +214,27 @@ def _craft(
     """Adversarial images (CPU) of ``attack.spec`` run on ``source``'s gradients, in batches on its device."""
     assert source.model_fn is not None  # _check_runnable
     generator = torch.Generator(device=source.device).manual_seed(seed)
-    crafted = torch.empty_like(x)
-    task = f"{attack.name}: crafting on {source.label}"
-    _report(progress, task, 0, len(x))
-    for start in range(0, len(x), batch_size):
-        part = slice(start, start + batch_size)
-        crafted[part] = run_white_box(attack.spec, source.model_fn, x[part].to(source.device),
-                                      y[part].to(source.device), eps=eps, generator=generator).cpu()
-        _report(progress, task, min(start + batch_size, len(x)), len(x))
-    return crafted
+    return adversarial_examples(
+        source.model_fn, x, y, attack.spec, eps=eps, batch_size=batch_size, generator=generator, device=source.device,
+        progress=_task(progress, f"{attack.name}: crafting on {source.label}"),
+    )
 
 
 def _square(
     name: str, spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor, *,
-    eps: float, progress: ProgressFn | None,
+    eps: float, batch_size: int, progress: ProgressFn | None,
 ) -> tuple[torch.Tensor, QueryStats]:
     """Square against ``model``'s own predictions; every still-unfooled image goes to the runtime in one call."""
-    attacked = clean_correct.nonzero().flatten()
-    task = f"{name} on {model.label}"
     started, runtime_before = time.perf_counter(), model.runtime_seconds
-    result = square(
-        model.logits, x[attacked], y[attacked], eps=eps, n_queries=spec.n_queries, p_init=spec.p_init,
-        seed=spec.seed, progress=(lambda done, total: progress(task, done, total)) if progress else None,
+    outcome = evaluate_attack(
+        model.logits, x, y, spec, eps=eps, batch_size=batch_size, clean_correct=clean_correct, predict=model.labels,
+        progress=_task(progress, f"{name} on {model.label}"),
     )
-    robust = clean_correct.clone()
-    robust[attacked] = model.labels(result.x_adv) == y[attacked]  # re-checked: what the runtime says, not Square
-    stats = QueryStats(total=int(result.queries.sum()), attacked=len(attacked), budget=spec.n_queries,
+    assert outcome.queries is not None  # a Square outcome counts its queries
+    stats = QueryStats(total=int(outcome.queries.sum()), attacked=int(clean_correct.sum()), budget=spec.n_queries,
                        seconds=time.perf_counter() - started,
                        runtime_seconds=model.runtime_seconds - runtime_before)
-    return robust, stats
+    return outcome.robust_correct, stats
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -379,9 +361,11 @@ def _log_attack(name: str, results: list[ModelResult], seconds: float) -> None:
     logger.info("%s: %s (%.1f s)", name, figures, seconds)
 
 
-def _report(progress: ProgressFn | None, task: str, completed: int, total: int) -> None:
-    if progress is not None:
-        progress(task, completed, total)
+def _task(progress: ProgressFn | None, task: str) -> Callable[[int, int], None] | None:
+    """``progress`` bound to one task, as the attacks report it: ``(completed, total)``."""
+    if progress is None:
+        return None
+    return lambda completed, total: progress(task, completed, total)
 
 
 def _some(warning: str | None) -> list[str]:
