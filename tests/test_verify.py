@@ -8,6 +8,7 @@ of Square queries) so that accuracies land between 0 and clean and every figure 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ from rslad_edge.verify import (
     EXPORTED_DEFAULT_ATTACKS,
     ArtifactInfo,
     ModelResult,
+    VerifyConfig,
     VerifyReport,
+    as_model,
     load_verify_images,
     parse_attacks,
     verify,
@@ -173,6 +176,15 @@ def test_transfer_and_square_send_whole_arrays_to_the_runtime_and_several_source
     assert report.robust_acc["transfer_pgd"] <= min(per_source.values())
 
 
+def test_artifact_and_reference_each_own_their_result_even_when_they_are_the_same_model(images):
+    x, y = images
+    model = as_model(ridge_fitted_smallcnn())
+    report = verify(model, x, y, reference=model, attacks="fgsm,square", eps=2 / 255, square_queries=10)
+    assert report.artifact is not report.reference  # one result per measured role, not one per model identity
+    assert report.robust_acc == report.reference.robust_acc and report.drop_pp("square") == 0
+    assert report.artifact.robust_correct["square"] is not report.reference.robust_correct["square"]
+
+
 # --------------------------------------------------------------------------------------------- sanity checks
 
 
@@ -216,6 +228,22 @@ def test_unknown_attack_names_the_close_one_and_lists_all():
         parse_attacks("fgsm,pgd-sta")
     assert "transfer_cw" in str(unknown.value) and "square" in str(unknown.value)
     assert [a.name for a in parse_attacks("PGD-SAT,transfer-pgd,pgd_sat")] == ["pgd_sat", "transfer_pgd"]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"square_queries": 0}, "--square-queries must be at least 1, got 0"),
+        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, got 'fast'"),
+        ({"eps": 8}, "write --eps 8/255"),
+    ],
+)
+def test_verify_and_its_config_refuse_a_bad_option_with_the_same_message(runners, images, option, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        verify(runners["pt"], *images, attacks=["fgsm"], **option)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        VerifyConfig(artifact=Path("missing.onnx"), **option)  # checked before the files are looked for
 
 
 def test_eps_in_grey_levels_is_refused_with_the_fraction_to_write(runners, images):
