@@ -102,7 +102,7 @@ for arg in "$@"; do
     --iterations=*) iterations=${arg#*=} ;;
     --percentile=*) pct=${arg#*=} ;;
     --separateProfileRun) sep=1 ;;
-    --warmUp=*|--timingCacheFile=*|--skipInference|--useSpinWait|--fp16|--int8|--stronglyTyped) ;;
+    --warmUp=*|--timingCacheFile=*|--skipInference|--useSpinWait|--fp16|--int8|--stronglyTyped|--noTF32) ;;
     *) echo "[03/02/2026-10:15:01] [E] Unknown option: $arg"
        echo "&&&& FAILED TensorRT.trtexec [TensorRT v100300] [b17] # trtexec $*"; exit 1 ;;
   esac

@@ -35,8 +35,9 @@ from rslad_edge.bench.jetson import (
     sample_times,
 )
 from rslad_edge.bench.stats import summarize
-from rslad_edge.bench.trtexec import build_args, parse_export_times, parse_trtexec_log, precision_flags, time_args
+from rslad_edge.bench.trtexec import parse_export_times, parse_trtexec_log, time_args
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
+from rslad_edge.runtime.trt_build import plan_build, trtexec_build_args
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,6 @@ def describe_onnx(path: Path) -> OnnxArtifact:
 
 def remote_script(artifact: OnnxArtifact, config: TimingConfig, model_name: str) -> str:
     """The POSIX sh script run on the device: probes, then per batch size build, time under tegrastats."""
-    legacy, strongly_typed = precision_flags(artifact.precision)
     q = shlex.quote
     lines = [
         "#!/bin/sh",
@@ -237,11 +237,20 @@ def remote_script(artifact: OnnxArtifact, config: TimingConfig, model_name: str)
     warmup_ms = max(1, round(config.warmup_seconds * 1000))
     for batch in config.batches:
         engine = f"b{batch}.engine"
-        common = build_args(model_name, engine, input_name=artifact.input_name, chw=artifact.chw, batch=batch,
-                            precision_flags=[])
-        build = f'"$TRTEXEC" {shlex.join(common + legacy)} > out/build_b{batch}.log 2>&1'
-        if strongly_typed != legacy:  # TensorRT 11 refuses --fp16 / --int8: retry strongly typed
-            build += (f' || "$TRTEXEC" {shlex.join(common + strongly_typed)} > out/build_b{batch}.strongly_typed.log'
+        # The device's TensorRT version is known only there: build as export's TensorRT 10 plan (the weakly typed
+        # flags work from 8.x to 10), and where that fails, as its TensorRT 11 plan (strongly typed, which refuses
+        # --fp16 / --int8). An engine for exactly this batch (min = opt = max), kernels tuned for it, as a
+        # deployment at that batch would; the timing cache makes the builds after the first fast.
+        weakly_typed, strongly_typed = (
+            trtexec_build_args(
+                plan_build(trt_major, artifact.precision, artifact.chw, min_batch=batch, opt_batch=batch,
+                           max_batch=batch, workspace_gib=None, input_name=artifact.input_name),
+                model_name, engine, timing_cache="timing.cache", skip_inference=True)
+            for trt_major in (10, 11)
+        )
+        build = f'"$TRTEXEC" {shlex.join(weakly_typed)} > out/build_b{batch}.log 2>&1'
+        if strongly_typed != weakly_typed:
+            build += (f' || "$TRTEXEC" {shlex.join(strongly_typed)} > out/build_b{batch}.strongly_typed.log'
                       " 2>&1")
         timing = time_args(engine, input_name=artifact.input_name, chw=artifact.chw, batch=batch, warmup_ms=warmup_ms,
                            seconds=config.seconds, iterations=config.iters, times_json=f"out/times_b{batch}.json")
