@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import warnings
 
@@ -13,8 +14,9 @@ import torch
 from rslad_edge.errors import CheckpointError, ConfigError, DatasetError, ExportError, RuntimeUnavailableError
 from rslad_edge.export.onnx_export import torch_to_onnx
 from rslad_edge.models import create_model, save_checkpoint
-from rslad_edge.runtime import OnnxRunner, Runner, TorchRunner, choose_provider, load_runner
+from rslad_edge.runtime import OnnxRunner, Runner, TorchRunner, choose_provider, load_runner, sidecar_path
 from rslad_edge.runtime import onnx_runner as onnx_runner_module
+from rslad_edge.runtime.onnx_info import inspect_onnx
 from rslad_edge.runtime.trt_build import plan_build, trtexec_build_args, trtexec_command
 
 
@@ -160,6 +162,60 @@ def test_engine_without_a_gpu_says_so(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeUnavailableError, match="needs a CUDA GPU"):
             load_runner(engine, device="cuda")
+
+
+# --- ONNX inspection (the runner and bench read a file the same way) ------------------------------------------
+
+
+def identity_onnx(path, input_dims, *, elem_type=onnx.TensorProto.FLOAT, extra_input=False, quantized=False):
+    """An Identity (or QuantizeLinear -> DequantizeLinear) graph over one input of ``input_dims``."""
+    from onnx import helper, numpy_helper
+
+    nodes, weights = [helper.make_node("Identity", ["input"], ["logits"])], []
+    if quantized:
+        weights = [numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+                   numpy_helper.from_array(np.array(0, np.uint8), "zero")]
+        nodes = [helper.make_node("QuantizeLinear", ["input", "scale", "zero"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("input", elem_type, input_dims)]
+    if extra_input:
+        inputs.append(helper.make_tensor_value_info("mask", onnx.TensorProto.FLOAT, input_dims))
+    graph = helper.make_graph(nodes, "identity", inputs,
+                              [helper.make_tensor_value_info("logits", elem_type, input_dims)], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_inspect_onnx_reads_input_batch_classes_and_precision_from_the_graph(artifacts, tmp_path):
+    dynamic = inspect_onnx(artifacts["dynamic"])
+    assert (dynamic.input_name, dynamic.output_name, dynamic.input_shape) == ("input", "logits", (3, 32, 32))
+    assert dynamic.static_batch is None and dynamic.num_classes == 10 and dynamic.precision == "fp32"
+    assert inspect_onnx(artifacts["static"]).static_batch == 4
+    quantized = inspect_onnx(identity_onnx(tmp_path / "q.onnx", ["n", 3, 8, 8], quantized=True))
+    assert quantized.precision == "int8" and quantized.input_shape == (3, 8, 8) and quantized.num_classes == 8
+
+
+def test_inspect_onnx_fills_symbolic_sizes_from_the_export_metadata_only(tmp_path):
+    symbolic = identity_onnx(tmp_path / "any_size.onnx", ["n", 3, "h", "w"])
+    bare = inspect_onnx(symbolic)
+    assert bare.input_shape == (3, 0, 0) and bare.num_classes is None  # unknown stays "any"; the runner asks
+    sidecar_path(symbolic).write_text(json.dumps({"input_size": [24, 20], "precision": "fp16", "num_classes": 7}))
+    described = inspect_onnx(symbolic)
+    assert described.input_shape == (3, 24, 20) and described.precision == "fp16"  # the metadata's word wins
+    assert described.num_classes == 7  # the output's width is symbolic: the metadata's class count
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"extra_input": True}, "has 2 inputs"), ({"elem_type": onnx.TensorProto.INT64}, "takes int64, not float32")],
+)
+def test_inspect_onnx_refuses_what_is_no_image_classifier_naming_the_file(tmp_path, options, message):
+    path = identity_onnx(tmp_path / "odd.onnx", ["n", 3, 8, 8], **options)
+    with pytest.raises(ExportError, match=message) as refusal:
+        inspect_onnx(path)
+    assert "odd.onnx" in str(refusal.value)
+    with pytest.raises(ExportError, match=message):
+        load_runner(path)  # the runner refuses it the same way
 
 
 # --- TensorRT build plans and the trtexec command (no GPU needed) --------------------------------------------
