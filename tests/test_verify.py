@@ -174,6 +174,10 @@ def test_transfer_and_square_send_whole_arrays_to_the_runtime_and_several_source
     per_source = report.artifact.per_source["transfer_pgd"]
     assert list(per_source) == ["student.pt", "SmallCNN"]
     assert report.robust_acc["transfer_pgd"] <= min(per_source.values())
+    crafted_on = report.to_json()["attack_details"]["transfer_pgd"]["crafted_on"]  # each source named, with its role
+    assert [(s["label"], s["role"], s["sha256"]) for s in crafted_on] == [
+        ("student.pt", "reference", sha256_file(files["pt"])), ("SmallCNN", "source", None)]
+    assert set(report.to_json()["robust_acc"]) == {"transfer_pgd", "square"}  # the columns keep their names
 
 
 def test_artifact_and_reference_each_own_their_result_even_when_they_are_the_same_model(images):
@@ -289,7 +293,15 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
     text = _text(result.output)
     for expected in ("transfer_pgd", "transfer_cw", "square", "worst case", "drop (pp)", "queries/s", "gate passed"):
         assert expected in text, expected
+    # Each transfer row says what it was crafted on, and the caption what that means for comparing with the paper.
+    assert text.count("from student.pt (reference)") == 2
+    assert "transfer_pgd, transfer_cw: crafted on the reference" in text
     record = json.loads(out.read_text())
+    reference = {"label": "student.pt", "artifact": str(files["pt"]), "sha256": sha256_file(files["pt"]),
+                 "role": "reference"}
+    for transfer in ("transfer_pgd", "transfer_cw"):
+        assert record["attack_details"][transfer]["crafted_on"] == [reference]
+    assert record["attack_details"]["square"] == {"family": "query", "preset": "square"}
     assert ISSUE_KEYS <= set(record) and record["n"] == 32 and record["config"]["dataset"] == "shapes"
     assert set(record["robust_acc"]) == set(EXPORTED_DEFAULT_ATTACKS) == set(record["reference"]["robust_acc"])
     assert record["sha256"] == sha256_file(files["onnx"]) and record["queries"]["budget"] == 20

@@ -40,7 +40,7 @@ from rslad_edge.verify.checks import (
     probability_output_warning,
     zero_gradient_warning,
 )
-from rslad_edge.verify.report import ModelResult, QueryStats, VerifyReport
+from rslad_edge.verify.report import AttackDetail, ModelResult, QueryStats, TransferSource, VerifyReport
 from rslad_edge.verify.suite import VerifyAttack, default_attack_names, parse_attacks
 from rslad_edge.verify.targets import Model, as_model
 
@@ -149,6 +149,7 @@ def verify(
         n=len(y), eps=eps, seed=seed,
         sources=[source.info.path or source.label for source in source_models]
         if any(a.family == "transfer" for a in chosen) else [],
+        attack_details={attack.name: _attack_detail(attack, source_models, ref) for attack in chosen},
         attack_seconds=attack_seconds,
         seconds=time.perf_counter() - started,
         warnings=list(dict.fromkeys(warnings)),
@@ -369,6 +370,18 @@ def _white_and_black_box(attacks: list[VerifyAttack], model: Model, sources: lis
         else:
             black.add(attack.name)
     return white, black
+
+
+def _attack_detail(attack: VerifyAttack, sources: list[Model], ref: Model | None) -> AttackDetail:
+    """What ``attack`` ran; for a transfer attack, which models its examples were crafted on."""
+    crafted_on: tuple[TransferSource, ...] = ()
+    if attack.family == "transfer":
+        crafted_on = tuple(
+            TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
+                           role="reference" if source is ref else "source")
+            for source in sources
+        )
+    return AttackDetail(attack.family, attack.spec.name, crafted_on)
 
 
 def _log_attack(name: str, results: list[ModelResult], seconds: float) -> None:
