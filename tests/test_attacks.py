@@ -14,9 +14,11 @@ from rslad_edge.attacks import (
     ATTACK_PRESETS,
     AttackSpec,
     accuracy,
+    adversarial_examples,
     attack_loss,
     autoattack,
     cw_margin_loss,
+    evaluate_attack,
     fgsm,
     get_attack,
     parse_eps,
@@ -261,6 +263,61 @@ def test_robust_correct_gives_the_same_flags_when_attacking_every_sample(trained
     every_sample = robust_correct(model, x, y, "fgsm", eps=EPS, batch_size=40, only_correct=False)
     assert torch.equal(only_correct, every_sample)
     assert only_correct.float().mean().item() == pytest.approx(accuracy(model, fgsm(model, x, y, eps=EPS), y), abs=0.05)
+
+
+def test_evaluate_attack_judges_with_the_given_predict_and_keeps_the_given_clean_flags(trained) -> None:
+    model, x, y = trained
+    clean_correct = model(x).argmax(1) == y
+    clean_correct[:4] = False  # the caller's clean flags win: these samples are neither attacked nor robust
+    judged: list[int] = []
+
+    def judge_fooled_by_everything(images: torch.Tensor) -> torch.Tensor:
+        judged.append(len(images))
+        return torch.full((len(images),), -1)  # no label is -1: every attacked sample counts as fooled
+
+    outcome = evaluate_attack(model, x, y, "fgsm", eps=EPS, batch_size=40, clean_correct=clean_correct,
+                              predict=judge_fooled_by_everything)
+    assert outcome.queries is None
+    assert not outcome.robust_correct.any()  # fooled by the judge's verdict, not by the model's own
+    assert sum(judged) == int(clean_correct.sum()) and max(judged) == 40  # the clean-correct ones, batch by batch
+    with_model_judge = evaluate_attack(model, x, y, "fgsm", eps=EPS, batch_size=40, clean_correct=clean_correct)
+    assert torch.equal(with_model_judge.robust_correct, robust_correct(model, x, y, "fgsm", eps=EPS) & clean_correct)
+
+
+def test_evaluate_attack_reports_progress_in_images_and_square_queries_per_sample(trained) -> None:
+    model, x, y = trained
+    clean_correct = model(x).argmax(1) == y
+    seen: list[tuple[int, int]] = []
+    evaluate_attack(model, x, y, "fgsm", eps=EPS, batch_size=50, progress=lambda *done_total: seen.append(done_total))
+    attacked = int(clean_correct.sum())
+    assert seen == [(0, attacked)] + [(min(start + 50, attacked), attacked) for start in range(0, attacked, 50)]
+
+    calls: list[int] = []
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        with torch.no_grad():
+            return model(images)
+
+    square_20 = AttackSpec("square_20", "square", n_queries=20)
+    outcome = evaluate_attack(logits, x, y, square_20, eps=EPS, batch_size=16, clean_correct=clean_correct)
+    assert outcome.queries is not None and outcome.queries.shape == (x.shape[0],)
+    assert (outcome.queries[~clean_correct] == 0).all() and (outcome.queries[clean_correct] >= 1).all()
+    assert calls[0] == attacked  # every clean-correct sample in one call, whatever the batch size
+    assert outcome.robust_correct.sum() < clean_correct.sum()
+
+
+def test_adversarial_examples_match_the_attack_run_batch_by_batch(trained) -> None:
+    model, x, y = trained
+    crafted = adversarial_examples(model, x, y, "pgd_trades", eps=EPS, batch_size=50,
+                                   generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    expected = torch.cat([run_white_box(get_attack("pgd_trades"), model, x[i : i + 50], y[i : i + 50], eps=EPS,
+                                        generator=generator) for i in range(0, x.shape[0], 50)])
+    assert torch.equal(crafted, expected)
+    assert_in_ball_and_range(crafted, x, EPS)
+    with pytest.raises(ConfigError, match="not a white-box attack"):
+        adversarial_examples(model, x, y, "square", eps=EPS)
 
 
 # Square -----------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_bench_support import tiny_checkpoint, tiny_onnx, write_verify_json
+from bench_support import tiny_checkpoint, tiny_onnx, write_verify_json
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
@@ -61,10 +61,17 @@ def test_bench_onnx_and_checkpoint_in_one_table_and_json(models, tmp_path):
     assert "CPUExecutionProvider" in saved["env"]["onnxruntime_providers"]
 
 
-def test_bf16_autocast_rows_for_a_checkpoint(models):
-    result = invoke(str(models["pt"]), "--batch", "2", "--precision", "fp32,bf16", *FAST)
+def test_bf16_autocast_rows_for_a_checkpoint(models, tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke(str(models["pt"]), "--batch", "2,4", "--precision", "fp32,bf16", "--json", str(out), *FAST)
     assert result.exit_code == 0, result.output
-    assert "fp32" in result.output and "bf16" in result.output
+    rows = json.loads(out.read_text())["results"]
+    # One set of rows per precision, each labelled by what its runner ran (TorchRunner's autocast), not the option.
+    assert [(Path(r["artifact"]).name, r["backend"], r["precision"], r["batch"]) for r in rows] == [
+        ("student.pt", "torch", "fp32", 2), ("student.pt", "torch", "fp32", 4),
+        ("student.pt", "torch", "bf16", 2), ("student.pt", "torch", "bf16", 4)]
+    table_rows = [line.split()[:2] for line in result.output.splitlines() if line.strip().startswith("student.pt")]
+    assert table_rows == [["student.pt", "fp32"], ["student.pt", "bf16"]]  # the precision column, once per group
 
 
 @pytest.mark.parametrize("batch", ["0", "1,0,8", "a,b"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bench_support import FIXTURES, FakeRunner, write_standins, write_verify_json
+from bench_support import FIXTURES, FakeRunner, write_standins, write_verify_json
 
 from rslad_edge.bench import BenchReport, bench, bench_artifacts
 from rslad_edge.bench.accuracy import Accuracies, Accuracy, find_accuracies

@@ -2,7 +2,7 @@
 
 The server is Debian's ``sshd`` with its own host key, an authorized key and a PATH (``SetEnv``) that puts
 stand-in ``trtexec``, ``tegrastats``, ``nvpmodel`` and ``jetson_clocks`` scripts first (POSIX sh, written by
-``test_bench_support.write_standins``); they accept only the flags the real tools accept, check the ones
+``bench_support.write_standins``); they accept only the flags the real tools accept, check the ones
 rslad-edge relies on, and print the real tools' formats. Tests that go through them say "standin" in their name.
 Everything else (ssh, scp, host key checking, the remote script, copying results back, parsing) is the production
 path. Skipped, with the reason, where sshd cannot be started.
@@ -13,14 +13,16 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_bench_support import FIXTURES, tiny_onnx, write_standins, write_tool
+from bench_support import FIXTURES, tiny_onnx, write_standins, write_tool
 from typer.testing import CliRunner
 
 from rslad_edge.bench import RemoteError, SshTarget, bench_artifacts, remote
@@ -28,6 +30,7 @@ from rslad_edge.bench.core import TimingConfig
 from rslad_edge.bench.remote import describe_onnx, parse_remote_results, remote_script, run_ssh
 from rslad_edge.cli import app
 from rslad_edge.errors import ConfigError
+from rslad_edge.runtime.trt_build import plan_build, trtexec_build_args
 
 SSHD = Path("/usr/sbin/sshd")
 
@@ -237,6 +240,18 @@ def test_the_remote_script_is_posix_sh_and_finds_trtexec_where_jetpack_puts_it(m
     assert "--logfile out/tegrastats_b64.log" in script
     if shutil.which("sh"):
         assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0  # parses
+
+
+def test_the_remote_script_builds_what_export_plans_and_retries_strongly_typed_only_when_it_differs(model):
+    int8 = replace(describe_onnx(model), precision="int8")
+    script = remote_script(int8, TimingConfig(batches=(8,)), "student.onnx")
+    for major, log in ((10, "build_b8.log"), (11, "build_b8.strongly_typed.log")):
+        plan = plan_build(major, "int8", (3, 32, 32), min_batch=8, opt_batch=8, max_batch=8, workspace_gib=None)
+        args = trtexec_build_args(plan, "student.onnx", "b8.engine", timing_cache="timing.cache", skip_inference=True)
+        assert f'"$TRTEXEC" {shlex.join(args)} > out/{log} 2>&1' in script
+    assert "--int8 --fp16" in script  # the TensorRT 10 plan: fp16 for what the Q/DQ graph leaves float
+    fp32 = remote_script(describe_onnx(model), TimingConfig(batches=(8,)), "student.onnx")
+    assert "--noTF32" in fp32 and "strongly_typed.log" not in fp32  # the same flags on 10 and 11: no retry
 
 
 def test_ssh_target_validates_host_and_always_checks_host_keys(tmp_path):

@@ -17,8 +17,8 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
-from rslad_edge.errors import ConfigError, DatasetError, ExportError, ExportParityError, RuntimeUnavailableError
-from rslad_edge.export import ExportConfig, compare_logits, export, plan_build, trtexec_command
+from rslad_edge.errors import ConfigError, DatasetError, ExportError, ExportParityError
+from rslad_edge.export import ExportConfig, compare_logits, export
 from rslad_edge.export.onnx_export import torch_to_onnx
 from rslad_edge.io import sha256_file
 from rslad_edge.models import save_checkpoint
@@ -265,54 +265,6 @@ def test_int8_without_calibration_data_names_the_flags(checkpoint, tmp_path):
         export(config(checkpoint, tmp_path / "out", precision="int8", dataset="imagefolder",
                       data_root=str(tmp_path / "no-such-folder")))
     assert not (tmp_path / "out").exists()
-
-
-# --- TensorRT (no GPU needed) --------------------------------------------------------------------------------
-
-
-def test_trt10_uses_precision_flags_on_a_weakly_typed_network():
-    fp16 = plan_build("10.3.0", "fp16", (3, 32, 32))
-    assert not fp16.strongly_typed and fp16.network_flags == () and fp16.builder_flags == ("FP16",)
-    int8 = plan_build("10.16.1", "int8", (3, 32, 32))
-    assert int8.builder_flags == ("INT8", "FP16")  # Q/DQ int8, fp16 for what the Q/DQ graph leaves float
-    fp32 = plan_build(10, "fp32", (3, 32, 32))
-    assert fp32.builder_flags == () and fp32.cleared_flags == ("TF32",)
-
-
-def test_trt11_is_strongly_typed_without_precision_flags():
-    for precision in ("fp16", "int8"):
-        plan = plan_build("11.4.0", precision, (3, 32, 32))
-        assert plan.strongly_typed and plan.network_flags == ("STRONGLY_TYPED",) and plan.builder_flags == ()
-
-
-def test_trt_profile_spans_batch_1_to_max_unless_static():
-    plan = plan_build(10, "fp16", (3, 32, 32), opt_batch=32, max_batch=128)
-    assert plan.profile == ((1, 3, 32, 32), (32, 3, 32, 32), (128, 3, 32, 32))
-    assert plan_build(10, "fp16", (3, 32, 32), batch=8).profile is None
-    assert plan_build(10, "fp16", (3, 32, 32), workspace_gib=0.5).workspace_bytes == 1 << 29
-
-
-def test_trt_dla_and_version_checks():
-    dla = plan_build(10, "int8", (3, 32, 32), dla_core=1)
-    assert dla.dla_core == 1 and "GPU_FALLBACK" in dla.builder_flags
-    with pytest.raises(ConfigError, match="DLA has no fp32"):
-        plan_build(10, "fp32", (3, 32, 32), dla_core=0)
-    with pytest.raises(RuntimeUnavailableError, match="TensorRT 8.6.1 is not supported"):
-        plan_build("8.6.1", "fp16", (3, 32, 32))
-
-
-def test_trtexec_commands_per_version():
-    trt10 = trtexec_command(plan_build(10, "int8", (3, 32, 32), dla_core=0), "out/s.int8-trt.onnx",
-                            "out/s.int8.engine")
-    assert trt10 == (
-        "trtexec --onnx=out/s.int8-trt.onnx --saveEngine=out/s.int8.engine --memPoolSize=workspace:2048M "
-        "--minShapes=input:1x3x32x32 --optShapes=input:64x3x32x32 --maxShapes=input:256x3x32x32 "
-        "--useDLACore=0 --int8 --fp16 --allowGPUFallback"
-    )
-    trt11 = trtexec_command(plan_build(11, "fp16", (3, 32, 32), batch=16), "m.fp16.onnx", "m.fp16.engine")
-    assert trt11 == "trtexec --onnx=m.fp16.onnx --saveEngine=m.fp16.engine --memPoolSize=workspace:2048M"
-    trt10_fp32 = trtexec_command(plan_build(10, "fp32", (3, 32, 32), batch=16), "my model.onnx", "m.engine")
-    assert trt10_fp32.endswith("--noTF32") and "'--onnx=my model.onnx'" in trt10_fp32  # shell-quoted
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

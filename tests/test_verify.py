@@ -8,13 +8,14 @@ of Square queries) so that accuracies land between 0 and clean and every figure 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bench_support import tiny_onnx
 from fitted_models import ridge_fitted_smallcnn
-from test_bench_support import tiny_onnx
 from typer.testing import CliRunner
 
 from rslad_edge.bench.accuracy import find_accuracies
@@ -28,7 +29,9 @@ from rslad_edge.verify import (
     EXPORTED_DEFAULT_ATTACKS,
     ArtifactInfo,
     ModelResult,
+    VerifyConfig,
     VerifyReport,
+    as_model,
     load_verify_images,
     parse_attacks,
     verify,
@@ -171,6 +174,19 @@ def test_transfer_and_square_send_whole_arrays_to_the_runtime_and_several_source
     per_source = report.artifact.per_source["transfer_pgd"]
     assert list(per_source) == ["student.pt", "SmallCNN"]
     assert report.robust_acc["transfer_pgd"] <= min(per_source.values())
+    crafted_on = report.to_json()["attack_details"]["transfer_pgd"]["crafted_on"]  # each source named, with its role
+    assert [(s["label"], s["role"], s["sha256"]) for s in crafted_on] == [
+        ("student.pt", "reference", sha256_file(files["pt"])), ("SmallCNN", "source", None)]
+    assert set(report.to_json()["robust_acc"]) == {"transfer_pgd", "square"}  # the columns keep their names
+
+
+def test_artifact_and_reference_each_own_their_result_even_when_they_are_the_same_model(images):
+    x, y = images
+    model = as_model(ridge_fitted_smallcnn())
+    report = verify(model, x, y, reference=model, attacks="fgsm,square", eps=2 / 255, square_queries=10)
+    assert report.artifact is not report.reference  # one result per measured role, not one per model identity
+    assert report.robust_acc == report.reference.robust_acc and report.drop_pp("square") == 0
+    assert report.artifact.robust_correct["square"] is not report.reference.robust_correct["square"]
 
 
 # --------------------------------------------------------------------------------------------- sanity checks
@@ -218,6 +234,22 @@ def test_unknown_attack_names_the_close_one_and_lists_all():
     assert [a.name for a in parse_attacks("PGD-SAT,transfer-pgd,pgd_sat")] == ["pgd_sat", "transfer_pgd"]
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"square_queries": 0}, "--square-queries must be at least 1, got 0"),
+        ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, got 'fast'"),
+        ({"eps": 8}, "write --eps 8/255"),
+    ],
+)
+def test_verify_and_its_config_refuse_a_bad_option_with_the_same_message(runners, images, option, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        verify(runners["pt"], *images, attacks=["fgsm"], **option)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        VerifyConfig(artifact=Path("missing.onnx"), **option)  # checked before the files are looked for
+
+
 def test_eps_in_grey_levels_is_refused_with_the_fraction_to_write(runners, images):
     with pytest.raises(ConfigError, match="8/255"):
         verify(runners["pt"], *images, attacks=["fgsm"], eps=8)
@@ -261,7 +293,15 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
     text = _text(result.output)
     for expected in ("transfer_pgd", "transfer_cw", "square", "worst case", "drop (pp)", "queries/s", "gate passed"):
         assert expected in text, expected
+    # Each transfer row says what it was crafted on, and the caption what that means for comparing with the paper.
+    assert text.count("from student.pt (reference)") == 2
+    assert "transfer_pgd, transfer_cw: crafted on the reference" in text
     record = json.loads(out.read_text())
+    reference = {"label": "student.pt", "artifact": str(files["pt"]), "sha256": sha256_file(files["pt"]),
+                 "role": "reference"}
+    for transfer in ("transfer_pgd", "transfer_cw"):
+        assert record["attack_details"][transfer]["crafted_on"] == [reference]
+    assert record["attack_details"]["square"] == {"family": "query", "preset": "square"}
     assert ISSUE_KEYS <= set(record) and record["n"] == 32 and record["config"]["dataset"] == "shapes"
     assert set(record["robust_acc"]) == set(EXPORTED_DEFAULT_ATTACKS) == set(record["reference"]["robust_acc"])
     assert record["sha256"] == sha256_file(files["onnx"]) and record["queries"]["budget"] == 20

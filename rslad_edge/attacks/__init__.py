@@ -7,7 +7,14 @@ projected onto the eps-ball and clamped to [0, 1]. The caller owns the model's m
 
 from rslad_edge.attacks.autoattack import autoattack
 from rslad_edge.attacks.eps import check_eps, parse_eps
-from rslad_edge.attacks.evaluate import accuracy, predict_labels, robust_correct
+from rslad_edge.attacks.evaluate import (
+    AttackOutcome,
+    accuracy,
+    adversarial_examples,
+    evaluate_attack,
+    predict_labels,
+    robust_correct,
+)
 from rslad_edge.attacks.fgsm import fgsm
 from rslad_edge.attacks.losses import CW_CONFIDENCE, attack_loss, cw_margin_loss
 from rslad_edge.attacks.pgd import NORMAL_START_STD, ModelFn, pgd
@@ -18,14 +25,17 @@ __all__ = [
     "ATTACK_PRESETS",
     "CW_CONFIDENCE",
     "NORMAL_START_STD",
+    "AttackOutcome",
     "AttackSpec",
     "ModelFn",
     "SquareResult",
     "accuracy",
+    "adversarial_examples",
     "attack_loss",
     "autoattack",
     "check_eps",
     "cw_margin_loss",
+    "evaluate_attack",
     "fgsm",
     "get_attack",
     "parse_eps",

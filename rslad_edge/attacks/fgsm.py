@@ -1,7 +1,8 @@
 """FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps, the first row of RSLAD's tables.
 
-As in the reference evaluations (FAT/IAD ``eval_robust(perturb_steps=1, step_size=eps, rand_init=False)``): the
-cross-entropy loss, no random start, so each pixel moves by exactly ±eps unless clamped to [0, 1].
+Goodfellow's FGSM: the cross-entropy loss, no random start, so each pixel moves by exactly ±eps unless clamped to
+[0, 1]. The papers' evaluation scripts do not agree on the start (FAT's TRADES-style evaluation has none, IAD's and
+FAT's DAT-style ones start uniformly in the eps-ball): see :mod:`rslad_edge.attacks.presets`, note (2).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 | name | attack | where the setting comes from |
 |---|---|---|
-| ``fgsm`` | one CE step of eps, no start | FAT/IAD ``eval_robust(perturb_steps=1, rand_init=False)`` |
+| ``fgsm`` | one CE step of eps, no start | Goodfellow et al. 2015 (2) |
 | ``pgd_sat`` | PGD-20, 2/255, uniform start, CE | Madry; RSLAD Table 1 "PGD_SAT" |
 | ``pgd_trades`` | PGD-20, 0.003, uniform start, CE | TRADES ``pgd_attack_cifar10.py``; RSLAD's per-epoch check (1) |
 | ``cw`` | PGD-20, 2/255, uniform start, CW margin κ=50 | CAT/FAT/IAD ``cwloss`` + "Madry" (uniform) start |
@@ -10,6 +10,13 @@
 | ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row |
 
 (1) RSLAD's training scripts select checkpoints with ``attack_pgd(attack_iters=20, step_size=0.003)``.
+(2) RSLAD.md names FGSM without its settings, and the authors' repository (zibojia/RSLAD) has no evaluation
+script, so there is no authors' FGSM to copy. The baselines' scripts disagree: FAT's ``attack_test.py`` runs
+``eval_robust(perturb_steps=1, step_size=eps, rand_init=False)`` for TRADES-style models ("fgsm_wori") but
+``rand_init=True`` for its DAT-style ones, and IAD's ``basic_eval.py`` passes ``random=True`` (a uniform start in the
+eps-ball before the step, although it prints "FGSM without Random Start"). ``fgsm`` here is Goodfellow's FGSM,
+with no random start; a randomly started one-step attack is a different attack, and its numbers do not compare
+with this row.
 
 The budget itself is not part of a spec: it is given per run (``--eps``), since 8/255 vs 0.031 must be a visible
 choice.

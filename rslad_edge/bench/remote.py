@@ -35,13 +35,16 @@ from rslad_edge.bench.jetson import (
     sample_times,
 )
 from rslad_edge.bench.stats import summarize
-from rslad_edge.bench.trtexec import build_args, parse_export_times, parse_trtexec_log, precision_flags, time_args
+from rslad_edge.bench.trtexec import parse_export_times, parse_trtexec_log, time_args
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
+from rslad_edge.runtime.onnx_info import inspect_onnx
+from rslad_edge.runtime.trt_build import plan_build, trtexec_build_args
 
 logger = logging.getLogger(__name__)
 
 REMOTE_PREFIX = "/tmp/rslad-bench."
 DEFAULT_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
+ASSUMED_CHW = (3, 32, 32)  # for a symbolic input dimension of an ONNX without export metadata (CIFAR images)
 _EXIT_REASONS = {
     20: "trtexec is neither on the PATH nor at /usr/src/tensorrt/bin/trtexec: install TensorRT (it ships with "
         "JetPack: `sudo apt install nvidia-jetpack` or `tensorrt`)",
@@ -177,36 +180,13 @@ class OnnxArtifact:
 
 
 def describe_onnx(path: Path) -> OnnxArtifact:
-    """Input name, image shape and precision of an ONNX file (sidecar first, then the graph itself)."""
-    import onnx
-
-    from rslad_edge.runtime import read_sidecar
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ConfigError(f"'{path}' is not a readable ONNX model ({str(exc).splitlines()[0][:160]})") from exc
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise ConfigError(f"'{path}' has {len(inputs)} inputs; rslad-edge models take one NCHW image batch")
-    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in inputs[0].type.tensor_type.shape.dim]
-    sidecar = read_sidecar(path)
-    if len(dims) != 4:
-        raise ConfigError(f"'{path}' takes a {len(dims)}-d input, not NCHW images")
-    size = sidecar.get("input_size") or [32, 32]
-    chw = (dims[1] or 3, dims[2] or int(size[0]), dims[3] or int(size[1]))
-    precision = sidecar.get("precision")
-    if precision is None:
-        ops = {node.op_type for node in model.graph.node}
-        if ops & {"QuantizeLinear", "DequantizeLinear"}:
-            precision = "int8"
-        elif any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
-            precision = "fp16"
-        else:
-            precision = "fp32"
+    """Input name, image shape and precision of an ONNX file, as the runtime reads it; a dimension it cannot tell
+    (symbolic, and no export metadata) is taken as 3x32x32, since trtexec needs every shape spelled out."""
+    info = inspect_onnx(path)
+    channels, height, width = (known or assumed for known, assumed in zip(info.input_shape, ASSUMED_CHW, strict=True))
     sha256, size_mb = artifact_facts(path)
-    return OnnxArtifact(Path(path), sha256, size_mb, str(precision), inputs[0].name, chw, dims[0] or None)
+    return OnnxArtifact(Path(path), sha256, size_mb, info.precision, info.input_name, (channels, height, width),
+                        info.static_batch)
 
 
 # --------------------------------------------------------------------------------------------------- script
@@ -214,7 +194,6 @@ def describe_onnx(path: Path) -> OnnxArtifact:
 
 def remote_script(artifact: OnnxArtifact, config: TimingConfig, model_name: str) -> str:
     """The POSIX sh script run on the device: probes, then per batch size build, time under tegrastats."""
-    legacy, strongly_typed = precision_flags(artifact.precision)
     q = shlex.quote
     lines = [
         "#!/bin/sh",
@@ -237,11 +216,20 @@ def remote_script(artifact: OnnxArtifact, config: TimingConfig, model_name: str)
     warmup_ms = max(1, round(config.warmup_seconds * 1000))
     for batch in config.batches:
         engine = f"b{batch}.engine"
-        common = build_args(model_name, engine, input_name=artifact.input_name, chw=artifact.chw, batch=batch,
-                            precision_flags=[])
-        build = f'"$TRTEXEC" {shlex.join(common + legacy)} > out/build_b{batch}.log 2>&1'
-        if strongly_typed != legacy:  # TensorRT 11 refuses --fp16 / --int8: retry strongly typed
-            build += (f' || "$TRTEXEC" {shlex.join(common + strongly_typed)} > out/build_b{batch}.strongly_typed.log'
+        # The device's TensorRT version is known only there: build as export's TensorRT 10 plan (the weakly typed
+        # flags work from 8.x to 10), and where that fails, as its TensorRT 11 plan (strongly typed, which refuses
+        # --fp16 / --int8). An engine for exactly this batch (min = opt = max), kernels tuned for it, as a
+        # deployment at that batch would; the timing cache makes the builds after the first fast.
+        weakly_typed, strongly_typed = (
+            trtexec_build_args(
+                plan_build(trt_major, artifact.precision, artifact.chw, min_batch=batch, opt_batch=batch,
+                           max_batch=batch, workspace_gib=None, input_name=artifact.input_name),
+                model_name, engine, timing_cache="timing.cache", skip_inference=True)
+            for trt_major in (10, 11)
+        )
+        build = f'"$TRTEXEC" {shlex.join(weakly_typed)} > out/build_b{batch}.log 2>&1'
+        if strongly_typed != weakly_typed:
+            build += (f' || "$TRTEXEC" {shlex.join(strongly_typed)} > out/build_b{batch}.strongly_typed.log'
                       " 2>&1")
         timing = time_args(engine, input_name=artifact.input_name, chw=artifact.chw, batch=batch, warmup_ms=warmup_ms,
                            seconds=config.seconds, iterations=config.iters, times_json=f"out/times_b{batch}.json")

@@ -1,4 +1,6 @@
-"""trtexec: the command lines rslad-edge runs, and parsers for what trtexec prints and exports.
+"""trtexec: the command line that times a built engine, and parsers for what trtexec prints and exports.
+
+The engine itself is built by the command :mod:`rslad_edge.runtime.trt_build` writes (the one export prints).
 
 trtexec ships with every JetPack (``/usr/src/tensorrt/bin/trtexec``), so timing through it needs nothing installed
 on the device. Per-iteration times come from ``--exportTimes`` (one record per query), so the statistics are
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+
+from rslad_edge.runtime.trt_build import shape_arg
 
 PERCENTILES = (50, 90, 99)
 
@@ -210,24 +214,11 @@ def parse_export_times(text: str) -> QueryTimes:
 # --------------------------------------------------------------------------------------------------- commands
 
 
-def shape_arg(input_name: str, batch: int, chw: tuple[int, int, int]) -> str:
-    return f"{input_name}:{batch}x{chw[0]}x{chw[1]}x{chw[2]}"
-
-
-def build_args(onnx: str, engine: str, *, input_name: str, chw: tuple[int, int, int], batch: int,
-               precision_flags: list[str], timing_cache: str = "timing.cache") -> list[str]:
-    """Build one engine for exactly ``batch`` (min = opt = max): each batch size gets the kernels tuned for it, as
-    a deployment at that batch would. The timing cache makes the second and third builds fast."""
-    shape = shape_arg(input_name, batch, chw)
-    return [f"--onnx={onnx}", f"--saveEngine={engine}", f"--minShapes={shape}", f"--optShapes={shape}",
-            f"--maxShapes={shape}", f"--timingCacheFile={timing_cache}", "--skipInference", *precision_flags]
-
-
 def time_args(engine: str, *, input_name: str, chw: tuple[int, int, int], batch: int, warmup_ms: int,
               seconds: float | None, iterations: int | None, times_json: str) -> list[str]:
     """Time a built engine: spin-wait sync (steadier than blocking), the percentiles rslad-edge reports, every
     query's times exported. ``--separateProfileRun`` keeps any layer profiling out of the timed run."""
-    args = [f"--loadEngine={engine}", f"--shapes={shape_arg(input_name, batch, chw)}", f"--warmUp={warmup_ms}",
+    args = [f"--loadEngine={engine}", f"--shapes={shape_arg(input_name, (batch, *chw))}", f"--warmUp={warmup_ms}",
             "--useSpinWait", "--percentile=" + ",".join(str(p) for p in PERCENTILES), "--separateProfileRun",
             f"--exportTimes={times_json}"]
     if iterations is not None:
@@ -235,16 +226,3 @@ def time_args(engine: str, *, input_name: str, chw: tuple[int, int, int], batch:
     else:
         args += [f"--duration={seconds:g}"]
     return args
-
-
-def precision_flags(precision: str) -> tuple[list[str], list[str]]:
-    """(TensorRT 8-10 flags, TensorRT 11 flags) that make the engine run at the ONNX's precision.
-
-    An fp16 ONNX needs ``--fp16`` and a Q/DQ int8 ONNX ``--int8`` on 8-10 (weakly typed); TensorRT 11 removed both
-    and is strongly typed only, where ``--stronglyTyped`` takes the precision from the graph.
-    """
-    if precision == "fp16":
-        return ["--fp16"], ["--stronglyTyped"]
-    if precision == "int8":
-        return ["--int8"], ["--stronglyTyped"]
-    return [], []

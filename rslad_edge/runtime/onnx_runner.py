@@ -16,7 +16,7 @@ import numpy as np
 
 from rslad_edge.errors import ConfigError, ExportError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
-from rslad_edge.runtime.metadata import decode_props, read_sidecar
+from rslad_edge.runtime.onnx_info import inspect_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,11 @@ class OnnxRunner:
 
         self.path = str(path)
         requested, device_id = choose_provider(device, provider)
-        graph = _load_graph(self.path)
-        self.metadata = {**read_sidecar(self.path), **decode_props({p.key: p.value for p in graph.metadata_props})}
-        self.precision = self.metadata.get("precision") or _infer_precision(graph)
-        del graph
+        info = inspect_onnx(self.path)
+        self.metadata, self.precision = info.metadata, info.precision
+        self.input_name, self.output_name = info.input_name, info.output_name
+        self.static_batch = info.static_batch
+        self.input_shape = info.input_shape  # 0: symbolic
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -111,24 +112,9 @@ class OnnxRunner:
             )
         self.threads = threads
 
-        model_input, model_output = session.get_inputs()[0], session.get_outputs()[0]
-        if model_input.type != "tensor(float)":
-            raise ExportError(f"'{self.path}' takes {model_input.type}, not float32: it is not an rslad-edge model")
-        self.input_name, self.output_name = model_input.name, model_output.name
-        batch, *chw = model_input.shape
-        self.static_batch = batch if isinstance(batch, int) and batch > 0 else None
-        size = self.metadata.get("input_size")  # what rslad-edge exported it for, if it did
-        self.input_shape = tuple(int(d) if isinstance(d, int) and d > 0 else 0 for d in chw)  # 0: symbolic
-        if len(self.input_shape) != 3:
-            raise ExportError(f"'{self.path}' takes a {len(model_input.shape)}-d input, not NCHW images")
-        if not self.input_shape[1] and size:  # symbolic spatial size: hold it to the size it was exported for
-            self.input_shape = (self.input_shape[0] or 3, int(size[0]), int(size[1]))
         self.batch_size = self.static_batch or batch_size or DEFAULT_MAX_BATCH
-        classes = model_output.shape[-1]
-        if isinstance(classes, int) and classes > 0:
-            self.num_classes = classes
-        elif "num_classes" in self.metadata:
-            self.num_classes = int(self.metadata["num_classes"])
+        if info.num_classes is not None:
+            self.num_classes = info.num_classes
         else:  # a symbolic class count: ask the model once
             probe = np.zeros((self.static_batch or 1, *(d or 32 for d in self.input_shape)), dtype=np.float32)
             self.num_classes = int(session.run([self.output_name], {self.input_name: probe})[0].shape[-1])
@@ -156,9 +142,9 @@ class OnnxRunner:
             shape = f"3x{size[0]}x{size[1]}"
             max_batch = batch_size or DEFAULT_MAX_BATCH
             trt_options.update(
-                trt_profile_min_shapes=f"{self.metadata.get('input_name', 'input')}:1x{shape}",
-                trt_profile_opt_shapes=f"{self.metadata.get('input_name', 'input')}:{min(64, max_batch)}x{shape}",
-                trt_profile_max_shapes=f"{self.metadata.get('input_name', 'input')}:{max_batch}x{shape}",
+                trt_profile_min_shapes=f"{self.input_name}:1x{shape}",
+                trt_profile_opt_shapes=f"{self.input_name}:{min(64, max_batch)}x{shape}",
+                trt_profile_max_shapes=f"{self.input_name}:{max_batch}x{shape}",
             )
         return [(name, trt_options), (PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
 
@@ -176,27 +162,3 @@ class OnnxRunner:
 
     def __repr__(self) -> str:
         return f"OnnxRunner({self.path!r}, {self.precision}, {self.provider})"
-
-
-def _load_graph(path: str) -> Any:
-    """The ONNX proto without external weights (only metadata and node types are read from it)."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not Path(path).is_file():
-        raise ExportError(f"ONNX model '{path}' does not exist")
-    try:
-        return onnx.load(path, load_external_data=False)
-    except (DecodeError, ValueError, OSError) as exc:
-        raise ExportError(f"'{path}' is not a readable ONNX model ({exc})") from exc
-
-
-def _infer_precision(model: Any) -> str:
-    """For ONNX files not written by rslad-edge: int8 if the graph has Q/DQ nodes, fp16 if it has fp16 weights."""
-    import onnx
-
-    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
-        return "int8"
-    if any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer):
-        return "fp16"
-    return "fp32"

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rslad_edge.console import console, err_console
-from rslad_edge.verify.report import CLEAN_ROW, WORST_CASE_ROW, VerifyReport
+from rslad_edge.verify.report import CLEAN_ROW, WORST_CASE_ROW, AttackDetail, VerifyReport
 from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, EXPORTED_DEFAULT_ATTACKS, VERIFY_ATTACKS
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
@@ -40,8 +40,8 @@ def _drop(report: VerifyReport, row: str) -> str:
 
 
 def results_table(report: VerifyReport) -> Table:
-    """Rows: clean, each attack (each transfer source too, when several), worst case; columns: artifact, reference,
-    drop. The sanity-check warnings are the caption."""
+    """Rows: clean, each attack (under a transfer attack, the models it was crafted on), worst case; columns:
+    artifact, reference, drop. The sanity-check warnings and what the transfer columns are make the caption."""
     info = report.artifact.info
     name = Path(info.path).name if info.path else info.backend
     dataset = report.config.get("dataset")
@@ -50,6 +50,7 @@ def results_table(report: VerifyReport) -> Table:
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
         f"L-inf eps {eps_text(report.eps)}; accuracy in %"
         + ("; drop = reference - artifact in points, ± its paired 95% interval" if report.reference else "")
+        + _transfer_caption(report)
         + "".join(f"\n[yellow]warning:[/] {escape(warning)}" for warning in report.warnings),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
@@ -72,15 +73,37 @@ def results_table(report: VerifyReport) -> Table:
         if row == WORST_CASE_ROW:
             table.add_section()
         table.add_row(*cells, style="bold" if row == WORST_CASE_ROW else None)
-        per_source = report.artifact.per_source.get(row, {})
-        if len(per_source) > 1:  # the AND over sources is the row above; show what each source did
-            reference_sources = report.reference.per_source.get(row, {}) if report.reference else {}
-            for source, accuracy in per_source.items():
-                sub = [f"  from {source}", _percent(accuracy)]
-                if with_reference:
-                    sub += [_percent(reference_sources.get(source)), ""]
-                table.add_row(*sub, "", style="dim")
+        detail = report.attack_details.get(row)
+        if detail is not None and detail.family == "transfer":
+            _add_transfer_sources(table, report, row, detail, with_reference=with_reference)
     return table
+
+
+def _add_transfer_sources(table: Table, report: VerifyReport, row: str, detail: AttackDetail, *,
+                          with_reference: bool) -> None:
+    """One dim line per model the transfer examples were crafted on, under the attack's row: a transfer figure is
+    only meaningful next to its source. With several sources the row above is their AND; each line shows its own."""
+    several = len(detail.crafted_on) > 1
+    artifact_sources = report.artifact.per_source.get(row, {})
+    reference_sources = report.reference.per_source.get(row, {}) if report.reference else {}
+    for source in detail.crafted_on:
+        role = " (reference)" if source.role == "reference" else ""
+        sub = [f"  from {escape(source.label)}{role}",
+               _percent(artifact_sources.get(source.label)) if several else ""]
+        if with_reference:
+            sub += [_percent(reference_sources.get(source.label)) if several else "", ""]
+        table.add_row(*sub, "", style="dim")
+
+
+def _transfer_caption(report: VerifyReport) -> str:
+    """Said under the table when a transfer column was crafted on the reference, so that no one reads it as the
+    paper's black-box transfer row (crafted on a separate robust ResNet-50)."""
+    on_reference = [name for name, detail in report.attack_details.items() if detail.crafted_on_reference]
+    if not on_reference:
+        return ""
+    return (f"\n{', '.join(on_reference)}: crafted on the reference, the artifact's own float model (the float "
+            "model's white-box attack, transferred); the paper's transfer row crafts on a separate robust model: "
+            "add one with --source")
 
 
 def square_lines(report: VerifyReport) -> list[str]:

@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rslad_edge.attacks import AttackSpec, autoattack, check_eps, run_white_box, square
+from rslad_edge.attacks import AttackSpec, adversarial_examples, evaluate_attack, parse_eps
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.runtime import Runner
@@ -40,7 +40,7 @@ from rslad_edge.verify.checks import (
     probability_output_warning,
     zero_gradient_warning,
 )
-from rslad_edge.verify.report import ModelResult, QueryStats, VerifyReport
+from rslad_edge.verify.report import AttackDetail, ModelResult, QueryStats, TransferSource, VerifyReport
 from rslad_edge.verify.suite import VerifyAttack, default_attack_names, parse_attacks
 from rslad_edge.verify.targets import Model, as_model
 
@@ -83,20 +83,13 @@ def verify(
         progress: called as ``progress(task, completed, total)`` while attacks run.
     """
     started = time.perf_counter()
-    eps = check_eps(eps)
-    if square_queries < 1:
-        raise ConfigError(f"--square-queries must be >= 1, got {square_queries}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if aa_version not in AUTOATTACK_VERSIONS:
-        raise ConfigError(f"--aa-version must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {aa_version!r}")
+    eps = check_verify_options(eps=eps, square_queries=square_queries, batch_size=batch_size, aa_version=aa_version)
     x, y = _as_inputs(data_x, data_y)
 
     artifact = as_model(runner, batch_size=batch_size)
     ref = as_model(reference, batch_size=batch_size) if reference is not None else None
     source_models = _source_models(sources, ref, batch_size)
-    targets = [artifact] if ref is None else [artifact, ref]
-    for model in [*targets, *source_models]:
+    for model in [artifact, *([ref] if ref is not None else []), *source_models]:
         _check_fits(model, x, y, artifact)
 
     notes: list[str] = []
@@ -109,13 +102,12 @@ def verify(
     _check_runnable(chosen, artifact, ref, source_models)
 
     warnings: list[str] = []
-    results: dict[int, ModelResult] = {}
-    for model in targets:
+    targets: list[_Target] = []
+    for model in [artifact, *([ref] if ref is not None else [])]:
         clean_logits = model.logits(x)  # (N, classes)
-        results[id(model)] = ModelResult(model.info, clean_correct=clean_logits.argmax(dim=1) == y)
+        targets.append(_Target(model, ModelResult(model.info, clean_correct=clean_logits.argmax(dim=1) == y)))
         warnings += _some(probability_output_warning(model, clean_logits))
-    clean_correct = {id(model): results[id(model)].clean_correct for model in targets}
-    warnings += _zero_gradient_checks(chosen, artifact, ref, source_models, x, y, clean_correct, batch_size)
+    warnings += _zero_gradient_checks(chosen, targets, source_models, x, y, batch_size)
     static_batch = getattr(runner, "static_batch", None)
     if static_batch and any(attack.family != "white-box" for attack in chosen):
         notes.append(f"{artifact.label} has a static batch of {static_batch}: each Square query and transfer "
@@ -128,36 +120,36 @@ def verify(
             spec = attack.spec
             if spec.kind == "autoattack":
                 spec = replace(spec, version=aa_version, seed=seed)
-            for model in targets:
-                with autoattack_warnings(warnings, model.label):
-                    results[id(model)].robust_correct[attack.name] = _white_box(
-                        attack.name, spec, model, x, y, clean_correct[id(model)], eps=eps, batch_size=batch_size,
-                        seed=seed, progress=progress)
+            for target in targets:
+                with autoattack_warnings(warnings, target.model.label):
+                    target.result.robust_correct[attack.name] = _white_box(
+                        attack.name, spec, target, x, y, eps=eps, batch_size=batch_size, seed=seed, progress=progress)
         elif attack.family == "transfer":
-            _transfer(attack, source_models, targets, results, x, y, eps=eps, batch_size=batch_size, seed=seed,
+            _transfer(attack, source_models, targets, x, y, eps=eps, batch_size=batch_size, seed=seed,
                       progress=progress)
         else:
             spec = replace(attack.spec, n_queries=square_queries, seed=seed)
-            for model in targets:
-                flags, stats = _square(attack.name, spec, model, x, y, clean_correct[id(model)], eps=eps,
+            for target in targets:
+                flags, stats = _square(attack.name, spec, target, x, y, eps=eps, batch_size=batch_size,
                                        progress=progress)
-                results[id(model)].robust_correct[attack.name] = flags
-                results[id(model)].queries[attack.name] = stats
+                target.result.robust_correct[attack.name] = flags
+                target.result.queries[attack.name] = stats
         attack_seconds[attack.name] = time.perf_counter() - attack_started
-        _log_attack(attack.name, [results[id(model)] for model in targets], attack_seconds[attack.name])
+        _log_attack(attack.name, [target.result for target in targets], attack_seconds[attack.name])
 
-    for model in targets:
-        results[id(model)].runtime_seconds = model.runtime_seconds
-        white, black = _white_and_black_box(chosen, model, source_models)
-        warnings += gradient_masking_warnings(model.label, results[id(model)].robust_correct, white, black)
+    for target in targets:
+        target.result.runtime_seconds = target.model.runtime_seconds
+        white, black = _white_and_black_box(chosen, target.model, source_models)
+        warnings += gradient_masking_warnings(target.model.label, target.result.robust_correct, white, black)
 
     return VerifyReport(
-        artifact=results[id(artifact)],
-        reference=results[id(ref)] if ref is not None else None,
+        artifact=targets[0].result,
+        reference=targets[1].result if ref is not None else None,
         attacks=[attack.name for attack in chosen],
         n=len(y), eps=eps, seed=seed,
         sources=[source.info.path or source.label for source in source_models]
         if any(a.family == "transfer" for a in chosen) else [],
+        attack_details={attack.name: _attack_detail(attack, source_models, ref) for attack in chosen},
         attack_seconds=attack_seconds,
         seconds=time.perf_counter() - started,
         warnings=list(dict.fromkeys(warnings)),
@@ -167,54 +159,69 @@ def verify(
     )
 
 
+def check_verify_options(*, eps: float | str, square_queries: int, batch_size: int, aa_version: str) -> float:
+    """The checks shared by :func:`verify` and ``VerifyConfig`` (one place for each rule); returns eps as a float.
+
+    eps may be written ``"8/255"``; ConfigError names the flag at fault.
+    """
+    eps = parse_eps(eps)
+    if square_queries < 1:
+        raise ConfigError(f"--square-queries must be at least 1, got {square_queries}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if aa_version not in AUTOATTACK_VERSIONS:
+        raise ConfigError(f"--aa-version must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {aa_version!r}")
+    return eps
+
+
+@dataclass
+class _Target:
+    """A model verify reports on (the artifact or the reference) and the result it owns: its clean flags, and its
+    flags per attack as each attack fills them in."""
+
+    model: Model
+    result: ModelResult
+
+
 # --------------------------------------------------------------------------------------------------- the attacks
 
 
 def _white_box(
-    name: str, spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor, *,
-    eps: float, batch_size: int, seed: int, progress: ProgressFn | None,
+    name: str, spec: AttackSpec, target: _Target, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int,
+    seed: int, progress: ProgressFn | None,
 ) -> torch.Tensor:
-    """(N,) bool: correct on the clean image and on the attack's image; only clean-correct images are attacked."""
+    """(N,) bool: correct on the clean image and on the attack's image; judged by the model's own runtime."""
+    model = target.model
     assert model.model_fn is not None  # _check_runnable
-    robust = clean_correct.clone()
-    attacked = clean_correct.nonzero().flatten()
     generator = torch.Generator(device=model.device).manual_seed(seed)  # PGD's random starts
-    task = f"{name} on {model.label}"
-    _report(progress, task, 0, len(attacked))
-    for start in range(0, len(attacked), batch_size):
-        index = attacked[start : start + batch_size]
-        x_batch, y_batch = x[index].to(model.device), y[index].to(model.device)
-        if spec.kind == "autoattack":
-            x_adv = autoattack(model.model_fn, x_batch, y_batch, eps=eps, version=spec.version,
-                               batch_size=batch_size, seed=spec.seed)
-        else:
-            x_adv = run_white_box(spec, model.model_fn, x_batch, y_batch, eps=eps, generator=generator)
-        robust[index] = model.labels(x_adv.cpu()) == y[index]
-        _report(progress, task, min(start + batch_size, len(attacked)), len(attacked))
-    return robust
+    outcome = evaluate_attack(
+        model.model_fn, x, y, spec, eps=eps, batch_size=batch_size, generator=generator, device=model.device,
+        clean_correct=target.result.clean_correct, predict=model.labels,
+        progress=_task(progress, f"{name} on {model.label}"),
+    )
+    return outcome.robust_correct
 
 
 def _transfer(
-    attack: VerifyAttack, sources: list[Model], targets: list[Model], results: dict[int, ModelResult],
-    x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int, seed: int, progress: ProgressFn | None,
+    attack: VerifyAttack, sources: list[Model], targets: list[_Target], x: torch.Tensor, y: torch.Tensor, *,
+    eps: float, batch_size: int, seed: int, progress: ProgressFn | None,
 ) -> None:
     """Craft ``attack.spec`` on each source, evaluate the same images on every target; AND over sources."""
-    clean = {id(target): results[id(target)].clean_correct for target in targets}
     needed = torch.zeros_like(y, dtype=torch.bool)
-    for flags in clean.values():
-        needed |= flags  # images no target gets right need no adversarial example
+    for target in targets:
+        needed |= target.result.clean_correct  # images no target gets right need no adversarial example
     index = needed.nonzero().flatten()
-    robust = {id(target): clean[id(target)].clone() for target in targets}
+    robust = [target.result.clean_correct.clone() for target in targets]
     for source in sources:
         x_adv = _craft(attack, source, x[index], y[index], eps=eps, batch_size=batch_size, seed=seed,
                        progress=progress)
-        for target in targets:
-            survived = clean[id(target)].clone()
-            survived[index] &= target.labels(x_adv) == y[index]  # one call: the runtime batches it
-            results[id(target)].per_source.setdefault(attack.name, {})[source.label] = int(survived.sum()) / len(y)
-            robust[id(target)] &= survived
-    for target in targets:
-        results[id(target)].robust_correct[attack.name] = robust[id(target)]
+        for target, target_robust in zip(targets, robust, strict=True):
+            survived = target.result.clean_correct.clone()
+            survived[index] &= target.model.labels(x_adv) == y[index]  # one call: the runtime batches it
+            target.result.per_source.setdefault(attack.name, {})[source.label] = int(survived.sum()) / len(y)
+            target_robust &= survived
+    for target, target_robust in zip(targets, robust, strict=True):
+        target.result.robust_correct[attack.name] = target_robust
 
 
 def _craft(
@@ -224,35 +231,28 @@ def _craft(
     """Adversarial images (CPU) of ``attack.spec`` run on ``source``'s gradients, in batches on its device."""
     assert source.model_fn is not None  # _check_runnable
     generator = torch.Generator(device=source.device).manual_seed(seed)
-    crafted = torch.empty_like(x)
-    task = f"{attack.name}: crafting on {source.label}"
-    _report(progress, task, 0, len(x))
-    for start in range(0, len(x), batch_size):
-        part = slice(start, start + batch_size)
-        crafted[part] = run_white_box(attack.spec, source.model_fn, x[part].to(source.device),
-                                      y[part].to(source.device), eps=eps, generator=generator).cpu()
-        _report(progress, task, min(start + batch_size, len(x)), len(x))
-    return crafted
+    return adversarial_examples(
+        source.model_fn, x, y, attack.spec, eps=eps, batch_size=batch_size, generator=generator, device=source.device,
+        progress=_task(progress, f"{attack.name}: crafting on {source.label}"),
+    )
 
 
 def _square(
-    name: str, spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor, *,
-    eps: float, progress: ProgressFn | None,
+    name: str, spec: AttackSpec, target: _Target, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int,
+    progress: ProgressFn | None,
 ) -> tuple[torch.Tensor, QueryStats]:
-    """Square against ``model``'s own predictions; every still-unfooled image goes to the runtime in one call."""
-    attacked = clean_correct.nonzero().flatten()
-    task = f"{name} on {model.label}"
+    """Square against the model's own predictions; every still-unfooled image goes to the runtime in one call."""
+    model, clean_correct = target.model, target.result.clean_correct
     started, runtime_before = time.perf_counter(), model.runtime_seconds
-    result = square(
-        model.logits, x[attacked], y[attacked], eps=eps, n_queries=spec.n_queries, p_init=spec.p_init,
-        seed=spec.seed, progress=(lambda done, total: progress(task, done, total)) if progress else None,
+    outcome = evaluate_attack(
+        model.logits, x, y, spec, eps=eps, batch_size=batch_size, clean_correct=clean_correct, predict=model.labels,
+        progress=_task(progress, f"{name} on {model.label}"),
     )
-    robust = clean_correct.clone()
-    robust[attacked] = model.labels(result.x_adv) == y[attacked]  # re-checked: what the runtime says, not Square
-    stats = QueryStats(total=int(result.queries.sum()), attacked=len(attacked), budget=spec.n_queries,
+    assert outcome.queries is not None  # a Square outcome counts its queries
+    stats = QueryStats(total=int(outcome.queries.sum()), attacked=int(clean_correct.sum()), budget=spec.n_queries,
                        seconds=time.perf_counter() - started,
                        runtime_seconds=model.runtime_seconds - runtime_before)
-    return robust, stats
+    return outcome.robust_correct, stats
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -337,14 +337,14 @@ def _source_models(sources: Sequence[Runner | nn.Module] | None, ref: Model | No
 
 
 def _zero_gradient_checks(
-    attacks: list[VerifyAttack], artifact: Model, ref: Model | None, sources: list[Model], x: torch.Tensor,
-    y: torch.Tensor, clean_correct: dict[int, torch.Tensor], batch_size: int,
+    attacks: list[VerifyAttack], targets: list[_Target], sources: list[Model], x: torch.Tensor, y: torch.Tensor,
+    batch_size: int,
 ) -> list[str]:
     """Check the input gradients of every model an attack will differentiate, on up to one batch of the images it
     classifies correctly (the ones its attacks will start from)."""
     differentiated: list[Model] = []
     if any(a.family == "white-box" for a in attacks):
-        differentiated += [artifact] + ([ref] if ref is not None else [])
+        differentiated += [target.model for target in targets]
     if any(a.family == "transfer" for a in attacks):
         differentiated += sources
     warnings: list[str] = []
@@ -353,9 +353,8 @@ def _zero_gradient_checks(
         if any(model is done for done in checked):
             continue
         checked.append(model)
-        correct = clean_correct.get(id(model))
-        if correct is None:
-            correct = model.labels(x) == y
+        as_target = next((target for target in targets if target.model is model), None)
+        correct = as_target.result.clean_correct if as_target is not None else model.labels(x) == y
         index = correct.nonzero().flatten()[:batch_size]
         warnings += _some(zero_gradient_warning(model, x[index], y[index]))
     return warnings
@@ -373,15 +372,29 @@ def _white_and_black_box(attacks: list[VerifyAttack], model: Model, sources: lis
     return white, black
 
 
+def _attack_detail(attack: VerifyAttack, sources: list[Model], ref: Model | None) -> AttackDetail:
+    """What ``attack`` ran; for a transfer attack, which models its examples were crafted on."""
+    crafted_on: tuple[TransferSource, ...] = ()
+    if attack.family == "transfer":
+        crafted_on = tuple(
+            TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
+                           role="reference" if source is ref else "source")
+            for source in sources
+        )
+    return AttackDetail(attack.family, attack.spec.name, crafted_on)
+
+
 def _log_attack(name: str, results: list[ModelResult], seconds: float) -> None:
     figures = ", ".join(f"{Path(r.info.path).name if r.info.path else r.info.backend}: {r.robust_acc[name]:.1%}"
                         for r in results)
     logger.info("%s: %s (%.1f s)", name, figures, seconds)
 
 
-def _report(progress: ProgressFn | None, task: str, completed: int, total: int) -> None:
-    if progress is not None:
-        progress(task, completed, total)
+def _task(progress: ProgressFn | None, task: str) -> Callable[[int, int], None] | None:
+    """``progress`` bound to one task, as the attacks report it: ``(completed, total)``."""
+    if progress is None:
+        return None
+    return lambda completed, total: progress(task, completed, total)
 
 
 def _some(warning: str | None) -> list[str]:

@@ -11,8 +11,11 @@ JSON (accuracies as fractions, drops in points)::
      "clean_acc", "robust_acc": {attack: acc}, "worst_case_acc",
      "reference": {same keys for the reference model} | null,
      "seconds", "queries": {Square on the artifact} | null,
-     "drop_pp", "drop_ci95_pp", "attacks", "sources", "attack_seconds", "transfer_sources", "runtime_seconds",
-     "warnings", "notes", "config", "versions"}
+     "drop_pp", "drop_ci95_pp", "attacks", "sources", "attack_details", "attack_seconds", "transfer_sources",
+     "runtime_seconds", "warnings", "notes", "config", "versions"}
+
+``attack_details`` names, per attack, its family and preset and, for each transfer column, the models its examples
+were crafted on (``crafted_on``: label, artifact path, sha256, role ``reference`` or ``source``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,40 @@ class QueryStats:
         return {"total": self.total, "attacked": self.attacked, "mean": round(self.mean, 2), "budget": self.budget,
                 "seconds": round(self.seconds, 3), "per_s": round(self.per_second, 1),
                 "runtime_seconds": round(self.runtime_seconds, 3)}
+
+
+@dataclass(frozen=True)
+class TransferSource:
+    """A model transfer examples were crafted on, as the JSON and the table name it."""
+
+    label: str
+    path: str | None
+    sha256: str | None
+    role: str  # "reference": the artifact's own float model (--reference); "source": another model (--source)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "artifact": self.path, "sha256": self.sha256, "role": self.role}
+
+
+@dataclass(frozen=True)
+class AttackDetail:
+    """What one column measured: its family, the preset it ran, and for a transfer attack the models it was crafted
+    on (a transfer column means nothing without them: crafted on the reference, it is the float model's own
+    white-box attack, not the paper's transfer row crafted on a separate robust ResNet-50)."""
+
+    family: str  # white-box | transfer | query
+    preset: str  # the attack preset run (on the model itself, or on each source); its budgets are in "config"
+    crafted_on: tuple[TransferSource, ...] = ()  # transfer attacks only
+
+    @property
+    def crafted_on_reference(self) -> bool:
+        return any(source.role == "reference" for source in self.crafted_on)
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"family": self.family, "preset": self.preset}
+        if self.family == "transfer":
+            record["crafted_on"] = [source.to_json() for source in self.crafted_on]
+        return record
 
 
 @dataclass
@@ -117,6 +154,7 @@ class VerifyReport:
     eps: float
     seed: int
     sources: list[str] = field(default_factory=list)
+    attack_details: dict[str, AttackDetail] = field(default_factory=dict)  # attack -> what it ran, and on what
     attack_seconds: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -210,6 +248,7 @@ class VerifyReport:
             "drop_ci95_pp": {row: _round(self.drop_ci95_pp(row)) for row in self.rows} if self.reference else None,
             "attacks": list(self.attacks),
             "sources": list(self.sources),
+            "attack_details": {name: detail.to_json() for name, detail in self.attack_details.items()},
             "attack_seconds": {name: round(s, 3) for name, s in self.attack_seconds.items()},
             "transfer_sources": artifact["transfer_sources"],
             "runtime_seconds": artifact["runtime_seconds"],

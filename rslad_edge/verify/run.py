@@ -12,13 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rslad_edge.attacks import parse_eps
-from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
 from rslad_edge.data import ImageSet, dataset_for_model, load_dataset, subset, to_float
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
 from rslad_edge.runtime import CHECKPOINT_SUFFIXES, Runner, load_runner
-from rslad_edge.verify.core import ProgressFn, verify
+from rslad_edge.verify.core import ProgressFn, check_verify_options, verify
 from rslad_edge.verify.report import VerifyReport
 from rslad_edge.verify.suite import parse_attacks
 
@@ -52,17 +50,12 @@ class VerifyConfig:
         self.artifact = Path(self.artifact)
         self.reference = Path(self.reference) if self.reference is not None else None
         self.sources = [Path(source) for source in self.sources]
-        self.eps = parse_eps(self.eps)
+        self.eps = check_verify_options(eps=self.eps, square_queries=self.square_queries,
+                                        batch_size=self.batch_size, aa_version=self.aa_version)
         if self.n < 1:
             raise ConfigError(f"--n must be at least 1, got {self.n}")
-        if self.square_queries < 1:
-            raise ConfigError(f"--square-queries must be at least 1, got {self.square_queries}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
-        if self.aa_version not in AUTOATTACK_VERSIONS:
-            raise ConfigError(f"--aa-version must be one of {', '.join(AUTOATTACK_VERSIONS)}, got {self.aa_version!r}")
         if self.max_drop is not None:
             if self.max_drop < 0:
                 raise ConfigError(f"--max-drop is a bound in points and must be >= 0, got {self.max_drop:g}")

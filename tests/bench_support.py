@@ -1,7 +1,7 @@
 """Helpers shared by the bench tests (no tests here): a tiny ONNX model, a tiny checkpoint, fake runners, and
 stand-ins for the Jetson tools (trtexec, tegrastats, nvpmodel, jetson_clocks) as POSIX sh scripts.
 
-Imported as ``from test_bench_support import ...`` (pytest puts tests/ on sys.path: tests/ is not a package).
+Imported as ``from bench_support import ...`` (pytest puts tests/ on sys.path: tests/ is not a package).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ for arg in "$@"; do
     --iterations=*) iterations=${arg#*=} ;;
     --percentile=*) pct=${arg#*=} ;;
     --separateProfileRun) sep=1 ;;
-    --warmUp=*|--timingCacheFile=*|--skipInference|--useSpinWait|--fp16|--int8|--stronglyTyped) ;;
+    --warmUp=*|--timingCacheFile=*|--skipInference|--useSpinWait|--fp16|--int8|--stronglyTyped|--noTF32) ;;
     *) echo "[03/02/2026-10:15:01] [E] Unknown option: $arg"
        echo "&&&& FAILED TensorRT.trtexec [TensorRT v100300] [b17] # trtexec $*"; exit 1 ;;
   esac
