@@ -25,7 +25,7 @@ output of every stage). Exit status: 0 when every phase passed (a skipped AutoAt
 On the GPU machine (a bare machine with torch, onnx, onnxruntime, typer, rich, no internet):
 
 1. HERE, once, from the repository root (the archive is 18.7 MiB, so it travels whole; pyautoattack's wheel is
-   42 MiB because of an example model, so only its code travels, about 0.2 MiB):
+   42 MiB because of an example model, so only its code travels, 0.13 MiB):
 
        python benchmarks/gpu_check.py --prepare       # writes gpu_data/ (git-ignored)
 
@@ -123,7 +123,7 @@ class Settings:
                    "bench": 60, "verify": 60, "window_eager": 40, "window_fp16": 40, "window_compiled": 150,
                    "autoattack": 90}
         return cls(device="cuda", time_limit_s=450, budgets_s=budgets, teacher_arch="resnet18",
-                   teacher_precision="auto", teacher_epochs=5, teacher_train_subset=None, student_arch="mobilenetv2",
+                   teacher_precision="auto", teacher_epochs=4, teacher_train_subset=None, student_arch="mobilenetv2",
                    student_epochs=3, student_train_subset=12_800, student_precision="bf16", batch_size=128,
                    attack_steps=None, eval_n=1000, window_images=2560, window_precision="bf16", parity_n=256,
                    bench_precisions="fp32,bf16,fp16", bench_batches="1,64,256",
@@ -277,6 +277,8 @@ def probe_dataset(dataset: str, root: str | None) -> dict[str, Any]:
 
 
 class GpuCheck:
+    """Runs the phases in order, each under its budget, and keeps the record (``gpu_check.json``) current."""
+
     def __init__(self, settings: Settings, *, data: Path | None, site: Path | None, out: Path, work: Path) -> None:
         self.settings = settings
         self.data = data
@@ -417,8 +419,7 @@ class GpuCheck:
     def env(self, phase: Phase) -> None:
         output = self.stage(phase, self.probe("env", self.settings.device), "environment probe")
         env = _last_json_line(output)
-        self.env_record = env
-        phase.figures = env
+        self.env_record = env  # the record's top-level "env"
         if env.get("error"):
             raise PhaseFailed(env["error"])
         gpu = env.get("gpu") or {}
@@ -702,11 +703,13 @@ def prepare(archive: Path, target: Path) -> None:
         info = site / f"pyautoattack-{distribution.version}.dist-info"  # so importlib.metadata knows the version
         info.mkdir()
         (info / "METADATA").write_text(distribution.read_text("METADATA") or "")
-    sizes = {path: path.stat().st_size for path in target.rglob("*") if path.is_file()}
-    for path, size in sorted(sizes.items()):
-        if path.parent == target or path.name == "METADATA":
-            print(f"{size / 2**20:8.2f} MiB  {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
-    print(f"{sum(sizes.values()) / 2**20:8.2f} MiB  in {target} ({len(sizes)} files); carry it: \"{target.name}\"")
+    total = 0
+    for entry in sorted(target.iterdir()):
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        total += size
+        print(f"{size / 2**20:8.2f} MiB  {entry} ({len(files)} file(s))")
+    print(f"{total / 2**20:8.2f} MiB  in all; the GPU run carries \"{target.name}\" (with the checkout: <= 64 MiB)")
 
 
 def main() -> int:
@@ -744,9 +747,12 @@ def main() -> int:
     budgets = dict(settings.budgets_s)
     for item in args.budget:
         name, _, seconds = item.partition("=")
-        if name not in budgets or not seconds:
-            parser.error(f"--budget {item}: expected PHASE=SECONDS with PHASE one of {', '.join(PHASES)}")
-        budgets[name] = float(seconds)
+        try:
+            budgets[name] = float(seconds) if name in budgets else float("nan")
+        except ValueError:
+            budgets[name] = float("nan")
+        if not budgets[name] > 0:
+            parser.error(f"--budget {item}: expected PHASE=SECONDS (> 0) with PHASE one of {', '.join(PHASES)}")
     settings = dataclasses.replace(settings, budgets_s=budgets,
                                    time_limit_s=args.time_limit or settings.time_limit_s)
 
