@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -69,6 +70,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# The check itself imports nothing from rslad_edge (only its probes and the stages do, with the checkout on their
+# PYTHONPATH), so it records a broken install instead of dying of it.
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 SHARED_ARCHIVE_SHA256 = "d0fa18ce7a86ee512727ed96b37825d1a52484b879d883f3b6a449ff847c7d14"  # shared/data/README.md
@@ -458,9 +461,7 @@ class GpuCheck:
         phase.figures.update(archive=str(archive), archive_mib=round(archive.stat().st_size / 2**20, 1),
                              unpack_seconds=round(time.monotonic() - started, 1))
         if archive.name == SHARED_ARCHIVE.name:
-            from rslad_edge.io import sha256_file
-
-            phase.figures["archive_sha256_ok"] = sha256_file(archive) == SHARED_ARCHIVE_SHA256
+            phase.figures["archive_sha256_ok"] = _sha256(archive) == SHARED_ARCHIVE_SHA256
         return _imagefolder_root(target)
 
     def teacher(self, phase: Phase) -> None:
@@ -622,9 +623,10 @@ class GpuCheck:
         }
 
     def write_record(self) -> None:
-        from rslad_edge.io import write_json
-
-        write_json(self.json_path, self.record())
+        """Atomically (a temporary file, then a rename): a check killed while writing keeps the previous record."""
+        temporary = self.json_path.with_name(self.json_path.name + ".tmp")
+        temporary.write_text(json.dumps(self.record(), indent=2, default=str) + "\n")
+        os.replace(temporary, self.json_path)
 
     def print_table(self) -> None:
         from rich import box
@@ -651,6 +653,14 @@ class GpuCheck:
 
 # ------------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _imagefolder_root(folder: Path) -> Path:
@@ -683,12 +693,10 @@ def _last_json_line(output: str) -> dict[str, Any]:
 def prepare(archive: Path, target: Path) -> None:
     """HERE, before a GPU run: copy the CIFAR-10 archive (checked against its sha256) and pyautoattack's code (without
     its 42 MiB example model) into ``target``, a git-ignored folder that travels with ``carry``."""
-    from rslad_edge.io import sha256_file
-
     target.mkdir(parents=True, exist_ok=True)
     if not archive.is_file():
         sys.exit(f"error: {archive} does not exist; pass --data with the CIFAR-10 JPEG archive")
-    if sha256_file(archive) != SHARED_ARCHIVE_SHA256:
+    if _sha256(archive) != SHARED_ARCHIVE_SHA256:
         print(f"warning: {archive} is not the shared archive (sha256 differs); copying it anyway")
     shutil.copyfile(archive, target / archive.name)
     site = target / "site"
