@@ -296,6 +296,7 @@ class GpuCheck:
         self.dataset_args: list[str] = []
         self.child: subprocess.Popen[bytes] | None = None
         self.phase_deadline = 0.0  # monotonic time at which the running phase's stage is stopped
+        self.phase_cut_by_time_limit = False  # that time is the check's limit, not the phase's budget
         python_path = [str(REPO)] + ([str(site.resolve())] if site else [])
         python_path += [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.child_env = {
@@ -337,6 +338,7 @@ class GpuCheck:
         needed = NEEDS.get(phase.name)
         started = time.monotonic()
         self.phase_deadline = started + min(phase.budget_s, max(self.time_left(), 0.0))
+        self.phase_cut_by_time_limit = self.time_left() < phase.budget_s
         print(f"── {phase.name} (budget {phase.budget_s:.0f} s, {max(self.time_left(), 0):.0f} s left)", flush=True)
         try:
             if needed and self.phases[needed].status not in ("ok", "timeout"):
@@ -395,8 +397,9 @@ class GpuCheck:
             log.seek(offset)
             output = log.read().decode(errors="replace")
         if timed_out:
-            raise PhaseTimeout(f"{label} exceeded the phase's {phase.budget_s:.0f} s budget "
-                               f"(or the check's limit) and was stopped")
+            limit = (f"the check's {self.settings.time_limit_s:.0f} s limit" if self.phase_cut_by_time_limit
+                     else f"the phase's {phase.budget_s:.0f} s budget")
+            raise PhaseTimeout(f"{label} ran into {limit} and was stopped")
         if returncode != 0:
             raise PhaseFailed(f"{label} exited {returncode}: {_last_error_line(output)}")
         return output

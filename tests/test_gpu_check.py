@@ -109,4 +109,4 @@ def test_a_phase_is_stopped_at_the_time_limit_and_recorded_as_a_timeout(tmp_path
     phases = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["phases"]
     timeouts = [name for name, phase in phases.items() if phase["status"] == "timeout"]
     assert timeouts and timeouts[0] in ("env", "data")
-    assert "stopped" in phases[timeouts[0]]["error"] or "limit" in phases[timeouts[0]]["error"]
+    assert "the check's 1 s limit" in phases[timeouts[0]]["error"]
