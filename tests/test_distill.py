@@ -17,8 +17,9 @@ from rslad_edge.distill.config import DistillConfig, resolve_config, resume_conf
 from rslad_edge.distill.losses import rslad_loss
 from rslad_edge.distill.methods import METHODS
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.distill.trainer import TrainingInterrupted, train
-from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError
+from rslad_edge.distill.ddp import DistInfo
+from rslad_edge.distill.trainer import TrainingInterrupted, _build, train, train_step
+from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 
 runner = CliRunner()
@@ -66,8 +67,53 @@ def test_rslad_loss_is_batchmean_kl_so_the_trainer_scale_gives_the_authors_eleme
     elementwise = torch.nn.functional.kl_div(
         torch.log_softmax(student_logits, 1), torch.softmax(teacher_logits, 1), reduction="none"
     ).mean()  # the authors' torch.mean over batch x classes
-    ours = rslad_loss(student_logits, student_logits, teacher_logits) * METHODS["rslad"].loss_scale(10)
+    ours = rslad_loss(student_logits, student_logits, teacher_logits) * METHODS["rslad"].authors_scale(10)
     assert ours == pytest.approx(elementwise.item(), rel=1e-5)
+
+
+def fixed_batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
+
+
+@pytest.mark.parametrize("method", ["rslad", "ard"])
+def test_authors_scale_at_ten_times_the_lr_and_a_tenth_of_the_weight_decay_steps_exactly_like_batchmean(
+    tmp_path, teacher_path, method
+):
+    # RSLAD's authors reduce its KL to batchmean / 10, ARD's to batchmean / C (C = 10 here): with SGD, momentum and
+    # coupled weight decay, scale s at lr η / wd λ is the unscaled loss at lr η·s / wd λ/s. Two steps, so that the
+    # momentum buffer takes part too.
+    def two_steps(loss_scale: str, lr: float, weight_decay: float) -> dict[str, torch.Tensor]:
+        cfg = tiny(tmp_path / loss_scale, method=method, teacher=str(teacher_path), loss_scale=loss_scale, lr=lr,
+                   weight_decay=weight_decay)
+        run = _build(cfg, DistInfo())
+        x, y = fixed_batch()
+        for step in range(2):
+            train_step(run, x, y, 1, torch.Generator().manual_seed(step))
+        return {k: v.clone() for k, v in run.student.state_dict().items()}
+
+    authors = two_steps("authors", lr=0.5, weight_decay=2e-5)
+    batchmean = two_steps("batchmean", lr=0.05, weight_decay=2e-4)
+    torch.manual_seed(0)  # as _build seeds (tiny() runs with seed 0): the initialisation both runs started from
+    initial = create_model("smallcnn").state_dict()
+    assert not torch.allclose(batchmean["linear.weight"], initial["linear.weight"])  # the steps did move it
+    for key in authors:
+        assert torch.allclose(authors[key].float(), batchmean[key].float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_loss_scale_choice_is_recorded_in_config_yaml_and_the_student_metadata(tmp_path, teacher_path):
+    student_path = train(tiny(tmp_path, method="rslad", teacher=str(teacher_path), epochs=1, loss_scale="batchmean"))
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss_scale"] == "batchmean"
+    assert read_checkpoint(student_path)["meta"]["loss_scale"] == {"choice": "batchmean", "factor": 1.0}
+    assert resolve_config("paper").loss_scale == "authors"
+
+
+def test_unknown_loss_scale_is_a_usage_error_naming_the_flag(tmp_path):
+    with pytest.raises(UsageError, match="--loss-scale 'batchman'. Did you mean 'batchmean'"):
+        resolve_config("paper", cli_values={"loss_scale": "batchman"})
+    result = runner.invoke(app, ["distill", "--preset", "smoke", "--loss-scale", "paper", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--loss-scale" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_step_lr_follows_the_paper_milestones():

@@ -58,6 +58,11 @@ def distill(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size. [default: 128]")] = None,
     lr: Annotated[float | None, typer.Option(help="SGD learning rate. [default: 0.1]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="[default: 2e-4]")] = None,
+    loss_scale: Annotated[str | None, typer.Option(
+        help="authors: RSLAD's and ARD's KL as their code reduces it (batchmean / 10, batchmean / classes), at which "
+        "the paper's lr was tuned; batchmean: the scale of a cross-entropy. A loss scaled by s at lr η, weight "
+        "decay λ steps exactly as the unscaled loss at lr η·s, weight decay λ/s (SGD, momentum). "
+        "[default: authors; batchmean in the short presets]")] = None,
     milestones: Annotated[str | None, typer.Option(
         help="Epochs at which lr is multiplied by 0.1. [default: 215,260,285]")] = None,
     eps: Annotated[str | None, typer.Option(help="L-inf radius in pixel units: 8/255, not 8. [default: 8/255]")] = None,
@@ -106,17 +111,17 @@ def distill(
             name: value for name, value in dict(
                 student=student, teacher=teacher, method=method, dataset=dataset, lr=lr, batch_size=batch_size,
                 preset=preset, precision=precision, eps=_eps(eps), seed=seed, train_subset=train_subset,
-                attack_steps=attack_steps,
+                attack_steps=attack_steps, loss_scale=loss_scale,
             ).items() if value is not None})
         _run(cfg, resume=True, force=False)
         return
     cli_values = dict(
         student=student, teacher=teacher, teacher_arch=teacher_arch, num_classes=num_classes, method=method,
         dataset=dataset, data_root=data_root, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, milestones=_milestones(milestones), eps=_eps(eps), step_size=_eps(step_size),
-        attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta, train_subset=train_subset,
-        eval_n=eval_n, eval_every=eval_every, precision=precision, device=device, compile=compile, sync_bn=sync_bn,
-        seed=seed, preset=preset,
+        weight_decay=weight_decay, loss_scale=loss_scale, milestones=_milestones(milestones), eps=_eps(eps),
+        step_size=_eps(step_size), attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta,
+        train_subset=train_subset, eval_n=eval_n, eval_every=eval_every, precision=precision, device=device,
+        compile=compile, sync_bn=sync_bn, seed=seed, preset=preset,
     )
     cfg = resolve_config(preset, load_yaml(config) if config else None, cli_values)
     _run(cfg, resume=False, force=force)

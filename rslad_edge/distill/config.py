@@ -13,8 +13,18 @@ from typing import Any
 
 import yaml
 
-from rslad_edge.errors import ConfigError, unknown_name_error
+from rslad_edge.errors import ConfigError, UsageError, unknown_name_error
 from rslad_edge.io import read_yaml_mapping
+
+# How the KL terms of RSLAD and ARD are reduced (RSLAD.md, "Loss scale = learning rate"):
+# - authors:   as their code reduces them: the elementwise mean over batch x classes, i.e. batchmean KL / 10 for
+#              RSLAD (CIFAR-10 and, with their x10, CIFAR-100) and batchmean / C for ARD; lr and weight decay of the
+#              paper were tuned at this scale.
+# - batchmean: KL summed over classes and averaged over the batch, the scale of a cross-entropy and of every other
+#              method here.
+# With SGD, momentum and coupled weight decay, a step on s*L at lr η and weight decay λ is exactly a step on L at
+# lr η*s and weight decay λ/s: the scale is a learning-rate choice, recorded as one.
+LOSS_SCALES = ("authors", "batchmean")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The authors' recipe (RSLAD.md): SGD 0.1, momentum 0.9, wd 2e-4, batch 128, 300 epochs, x0.1 at 215/260/285,
@@ -56,6 +66,7 @@ class DistillConfig:
     weight_decay: float = 2e-4
     milestones: list[int] = field(default_factory=lambda: [215, 260, 285])
     lr_gamma: float = 0.1
+    loss_scale: str = "authors"  # authors | batchmean (LOSS_SCALES above)
     eps: float = 8 / 255  # L-inf radius in [0, 1] pixel units
     step_size: float = 2 / 255
     attack_steps: int = 10
@@ -95,6 +106,8 @@ class DistillConfig:
                 raise ConfigError(f"{flag} must not be negative, got {value}")
         if self.train_subset is not None and self.train_subset <= 0:
             raise ConfigError(f"--train-subset must be positive, got {self.train_subset}")
+        if self.loss_scale not in LOSS_SCALES:
+            raise unknown_name_error("--loss-scale", self.loss_scale, LOSS_SCALES, error=UsageError)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
         if sorted(self.milestones) != list(self.milestones):

@@ -43,8 +43,9 @@ class Method:
     attack_bn_mode: str = "eval"  # the student's BN mode while crafting x', as in the authors' code
     needs: frozenset[str] = frozenset()  # forwards besides the attack: student_adv, student_clean, teacher_adv
     hyperparameters: dict[str, float] = field(default_factory=dict)  # authors' defaults; --alpha etc. override
-    # num_classes -> factor restoring the authors' KL reduction, at which their lr and weight decay were tuned.
-    loss_scale: Callable[[int], float] = lambda num_classes: 1.0
+    # num_classes -> the factor by which the authors' code scales this loss relative to its batchmean form (their
+    # lr and weight decay were tuned at that scale); applied under --loss-scale authors, see loss_scale_factor.
+    authors_scale: Callable[[int], float] = lambda num_classes: 1.0
     paper_overrides: dict[str, Any] = field(default_factory=dict)  # schedule of the authors' own recipe
 
 
@@ -92,7 +93,7 @@ METHODS: dict[str, Method] = {
             hyperparameters={"alpha": 5 / 6},
             # The authors average the elementwise KL over batch x classes: batchmean / 10 on CIFAR-10, and multiply
             # by 10 on CIFAR-100 (elementwise mean over 100 classes x 10): batchmean / 10 in both cases.
-            loss_scale=lambda num_classes: 0.1,
+            authors_scale=lambda num_classes: 0.1,
         ),
         Method(
             "ard", "ARD: tempered KL to the teacher on PGD examples (Goldblum et al., AAAI 2020)",
@@ -100,7 +101,7 @@ METHODS: dict[str, Method] = {
             needs=frozenset({"student_adv", "student_clean"}),
             hyperparameters={"alpha": 1.0, "temperature": 30.0},
             # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C.
-            loss_scale=lambda num_classes: 1.0 / num_classes,
+            authors_scale=lambda num_classes: 1.0 / num_classes,
             paper_overrides={"epochs": 200, "milestones": [100, 150]},
         ),
         Method(
@@ -130,6 +131,12 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
+
+
+def loss_scale_factor(method: Method, loss_scale: str, num_classes: int) -> float:
+    """What the trainer multiplies the method's (batchmean) loss by: the authors' factor under ``--loss-scale
+    authors``, 1 under ``batchmean``. Only RSLAD (1/10) and ARD (1/C) differ between the two."""
+    return method.authors_scale(num_classes) if loss_scale == "authors" else 1.0
 
 
 def get_method(name: str) -> Method:

@@ -33,7 +33,7 @@ from rslad_edge.data import ImageSet, augment_batch, load_dataset, subset, to_fl
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
-from rslad_edge.distill.methods import Method, StepLogits, get_method
+from rslad_edge.distill.methods import Method, StepLogits, get_method, loss_scale_factor
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError
 from rslad_edge.io import atomic_write, sha256_file
@@ -81,7 +81,7 @@ class _Run:
     eval_y: torch.Tensor
     num_classes: int
     dist: ddp.DistInfo
-    loss_scale: float
+    loss_scale: float  # the factor on the method's batchmean loss that --loss-scale chose (0.1 for RSLAD's authors')
     meta: dict[str, Any]
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics of the finished epochs
     progress: dict[str, float] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
@@ -233,6 +233,8 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
                 raise ConfigError(f"--{name} has no meaning for --method {cfg.method}")
             hyperparameters[name] = getattr(cfg, name)
     meta["hyperparameters"] = hyperparameters
+    loss_scale = loss_scale_factor(method, cfg.loss_scale, num_classes)
+    meta["loss_scale"] = {"choice": cfg.loss_scale, "factor": loss_scale}
     meta["config"] = cfg.to_dict()
     meta["rslad_edge_version"] = __version__
     return _Run(
@@ -240,7 +242,7 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
         student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
         train_set=train_set,
         eval_x=to_float(test_set.images), eval_y=test_set.labels, num_classes=num_classes, dist=dist,
-        loss_scale=method.loss_scale(num_classes), meta=meta,
+        loss_scale=loss_scale, meta=meta,
     )
 
 
