@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -14,10 +15,10 @@ from typer.testing import CliRunner
 
 from rslad_edge.cli import app
 from rslad_edge.distill.config import DistillConfig, resolve_config, resume_config
+from rslad_edge.distill.ddp import DistInfo
 from rslad_edge.distill.losses import rslad_loss
 from rslad_edge.distill.methods import METHODS
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.distill.ddp import DistInfo
 from rslad_edge.distill.trainer import TrainingInterrupted, _build, train, train_step
 from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
@@ -26,10 +27,10 @@ runner = CliRunner()
 
 
 def tiny(tmp_path, **overrides) -> DistillConfig:
-    """A run of seconds: 96 synthetic images, smallcnn, 2-step attacks, fp32 on CPU."""
+    """A run of seconds: 96 synthetic images (32 more held out), smallcnn, 2-step attacks, fp32 on CPU."""
     values = dict(
         out=str(tmp_path / "run"), student="smallcnn", dataset="shapes", method="sat", epochs=2, batch_size=32,
-        lr=0.05, milestones=[2], train_subset=96, eval_n=32, attack_steps=2, eval_steps=2, precision="fp32",
+        lr=0.05, milestones=[2], train_subset=96, val_n=32, attack_steps=2, eval_steps=2, precision="fp32",
         device="cpu", preset="smoke",
     )
     values.update(overrides)
@@ -174,7 +175,8 @@ def test_every_method_trains_an_epoch_and_writes_the_run_directory(tmp_path, tea
     cfg = tiny(tmp_path, method=method, teacher=str(teacher_path), epochs=1)
     student_path = train(cfg)
     (line,) = metrics(tmp_path / "run")
-    assert set(line) == {"epoch", "train_loss", "clean_acc", "robust_acc", "lr", "images_per_s", "seconds"}
+    assert set(line) == {"epoch", "train_loss", "clean_acc", "robust_acc", "lr", "images_per_s", "seconds",
+                         "eval_split"}
     assert math.isfinite(line["train_loss"]) and 0 <= line["robust_acc"] <= line["clean_acc"] <= 1
     model, info = load_checkpoint(student_path)
     assert info["arch"] == "smallcnn" and info["meta"]["method"] == method
@@ -290,7 +292,7 @@ def test_teacher_of_another_architecture_names_the_keys(tmp_path):
 
 def test_batch_size_larger_than_the_training_set_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="larger than the training set"):
-        train(tiny(tmp_path, batch_size=512))
+        train(tiny(tmp_path, batch_size=512, val_n=512))
 
 
 def test_teacher_methods_need_a_teacher_outside_the_smoke_preset(tmp_path):
@@ -298,10 +300,88 @@ def test_teacher_methods_need_a_teacher_outside_the_smoke_preset(tmp_path):
         train(tiny(tmp_path, method="rslad", preset="paper"))
 
 
+# ------------------------------------------------------------------------------------------------ model selection
+
+
+def _write_train_only_folder(root, classes=3, per_class=24):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in range(classes):
+        folder = root / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 80 + 80 * label).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_distill_never_reads_the_test_split_a_train_only_folder_trains_and_selects_a_best_checkpoint(
+    tmp_path, monkeypatch
+):
+    from rslad_edge.distill import trainer
+
+    monkeypatch.setenv("RSLAD_EDGE_CACHE", str(tmp_path / "cache"))
+    root = _write_train_only_folder(tmp_path / "data")  # no test/ folder at all
+    splits = []
+    real_load = trainer.load_dataset
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: splits.append(a[2]) or real_load(*a, **k))
+    cfg = tiny(tmp_path, dataset="imagefolder", data_root=str(root), train_subset=None, val_n=16, batch_size=16)
+    student_path = train(cfg)
+
+    assert splits == ["train"]
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert [m["eval_split"] for m in metrics(tmp_path / "run")] == ["val", "val"]
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert (selection["select"], selection["split"], selection["n"], selection["seed"]) == ("val", "val", 16, 0)
+
+
+def test_held_out_images_are_the_seeded_split_recorded_in_the_student_and_never_trained_on(tmp_path):
+    from rslad_edge.data import hold_out, load_dataset
+
+    student_path = train(tiny(tmp_path, epochs=1, train_subset=None, val_n=64, seed=3))
+    full = load_dataset("shapes", split="train", seed=3)
+    rest, held_out, indices = hold_out(full, 64, seed=3)
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert selection["indices_sha256"] == hashlib.sha256(indices.numpy().tobytes()).hexdigest()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["val_n"] == 64
+    run = _build(tiny(tmp_path, train_subset=None, val_n=64, seed=3), DistInfo())
+    assert len(run.train_set) == len(full) - 64 and torch.equal(run.train_set.images, rest.images)
+    assert torch.equal(run.eval_y, held_out.labels) and run.eval_split == "val"
+
+
+def test_selecting_on_the_test_split_is_explicit_trains_on_everything_and_says_so(tmp_path):
+    cfg = resolve_config("smoke", cli_values={"select": "test"})
+    assert cfg.val_n == 0  # the paper's protocol: the whole training set, selection on the test split
+    student_path = train(tiny(tmp_path, epochs=1, select="test", val_n=0, eval_n=32))
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert selection["split"] == "test" and "not a held-out estimate" in selection["note"]
+    assert metrics(tmp_path / "run")[0]["eval_split"] == "test"
+
+
+def test_select_last_keeps_the_last_epoch_and_writes_no_best_checkpoint(tmp_path):
+    student_path = train(tiny(tmp_path, epochs=2, select="last"))
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert read_checkpoint(student_path)["meta"]["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [(["--val-n", "0"], "--val-n 0"), (["--val-n", "8"], "smaller than one batch"),
+     (["--val-n", "6000"], "--val-n 6000"), (["--select", "best"], "--select"),
+     (["--select", "test", "--val-n", "64"], "--val-n 64 with --select test")],
+)
+def test_bad_selection_options_exit_2_with_one_line_naming_the_flag_and_write_nothing(tmp_path, args, flag):
+    result = runner.invoke(app, ["distill", *TINY_ARGS, *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert flag in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------ processes
 
 TINY_ARGS = ["--preset", "smoke", "--method", "sat", "--student", "smallcnn", "--train-subset", "128", "--batch-size",
-             "32", "--eval-n", "64", "--attack-steps", "2", "--precision", "fp32", "--device", "cpu"]
+             "32", "--val-n", "64", "--attack-steps", "2", "--precision", "fp32", "--device", "cpu"]
 
 
 def _cli(*args):

@@ -72,8 +72,15 @@ def distill(
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature (ARD 30, IAD 1, KD 4).")] = None,
     beta: Annotated[float | None, typer.Option(help="TRADES beta (6) / IAD beta (0.1).")] = None,
     train_subset: Annotated[int | None, typer.Option(help="Train on a fixed seeded sample of N images.")] = None,
+    val_n: Annotated[int | None, typer.Option(
+        help="Training images held out (seeded, never trained on) for the per-epoch clean / PGD-20 check that "
+        "chooses student.pt. [default: 1000]")] = None,
+    select: Annotated[str | None, typer.Option(
+        help="Which epoch becomes student.pt: val (best PGD-20 on the --val-n held-out images), last, or test (best "
+        "on --eval-n test images, trained on the whole training set: the paper's 'best checkpoint' row, selected on "
+        "the test split and recorded as such). [default: val]")] = None,
     eval_n: Annotated[int | None, typer.Option(
-        help="Test images for the per-epoch clean / PGD-20 check (0: none). [default: 1000]")] = None,
+        help="Test images for the per-epoch check under --select test. [default: 1000]")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every K epochs (and the last). [default: 1]")] = None,
     precision: Annotated[str | None, typer.Option(
         help="auto (bf16 + channels_last on CPUs with AVX-512 BF16 / AMX, AMP on CUDA, else fp32), fp32, bf16, fp16."
@@ -111,7 +118,7 @@ def distill(
             name: value for name, value in dict(
                 student=student, teacher=teacher, method=method, dataset=dataset, lr=lr, batch_size=batch_size,
                 preset=preset, precision=precision, eps=_eps(eps), seed=seed, train_subset=train_subset,
-                attack_steps=attack_steps, loss_scale=loss_scale,
+                attack_steps=attack_steps, loss_scale=loss_scale, val_n=val_n, select=select,
             ).items() if value is not None})
         _run(cfg, resume=True, force=False)
         return
@@ -120,8 +127,8 @@ def distill(
         dataset=dataset, data_root=data_root, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, loss_scale=loss_scale, milestones=_milestones(milestones), eps=_eps(eps),
         step_size=_eps(step_size), attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta,
-        train_subset=train_subset, eval_n=eval_n, eval_every=eval_every, precision=precision, device=device,
-        compile=compile, sync_bn=sync_bn, seed=seed, preset=preset,
+        train_subset=train_subset, val_n=val_n, select=select, eval_n=eval_n, eval_every=eval_every,
+        precision=precision, device=device, compile=compile, sync_bn=sync_bn, seed=seed, preset=preset,
     )
     cfg = resolve_config(preset, load_yaml(config) if config else None, cli_values)
     _run(cfg, resume=False, force=force)

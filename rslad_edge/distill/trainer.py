@@ -2,7 +2,8 @@
 
 Per batch: the teacher's logits on the clean augmented batch (once, no grad); the method's attack crafts x' with the
 student in its authors' BN mode; the student, back in train mode, is updated on the method's outer loss. Per epoch:
-clean and PGD-20 accuracy of the student on a fixed test sample, one JSON line in ``metrics.jsonl``, ``last.pt`` and
+clean and PGD-20 accuracy of the student on a seeded split held out of the training set (never the test split,
+unless ``--select test`` asks for the paper's protocol), one JSON line in ``metrics.jsonl``, ``last.pt`` and
 ``best.pt``. All randomness comes from generators seeded by (seed, epoch, batch), so a resumed run replays the same
 batches, including after an interruption in the middle of an epoch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -29,13 +31,13 @@ from torch import nn
 
 from rslad_edge import __version__
 from rslad_edge.attacks import get_attack, pgd, robust_correct
-from rslad_edge.data import ImageSet, augment_batch, load_dataset, subset, to_float
+from rslad_edge.data import ImageSet, augment_batch, hold_out, load_dataset, subset, to_float
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
 from rslad_edge.distill.methods import Method, StepLogits, get_method, loss_scale_factor
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError
+from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.io import atomic_write, sha256_file
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from rslad_edge.models.folding import BatchNormFoldedView, fold_batchnorm
@@ -77,8 +79,9 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     train_set: ImageSet
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
+    eval_split: str | None  # what the per-epoch check runs on: "val" (held-out training images), "test", or None
+    eval_x: torch.Tensor | None  # (N, 3, H, W) float in [0, 1]
+    eval_y: torch.Tensor | None
     num_classes: int
     dist: ddp.DistInfo
     loss_scale: float  # the factor on the method's batchmean loss that --loss-scale chose (0.1 for RSLAD's authors')
@@ -155,11 +158,13 @@ def _run_epoch(
     ddp.broadcast_buffers(run.student, dist)  # BN running stats: rank 0's, everywhere
 
     metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "clean_acc": None, "robust_acc": None,
-                               "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None}
-    if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and cfg.eval_n > 0:
+                               "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None,
+                               "eval_split": None}
+    if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and run.eval_split is not None:
         if observer:
             observer.evaluating(len(run.eval_y))
         metrics["clean_acc"], metrics["robust_acc"] = evaluate(run.student, run.eval_x, run.eval_y, cfg, run.device)
+        metrics["eval_split"] = run.eval_split
     metrics["seconds"] = time.perf_counter() - started
     if dist.is_main:
         best_robust = _save_epoch(run, out, epoch, metrics, best_robust)
@@ -194,8 +199,8 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     torch.manual_seed(cfg.seed)
 
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", seed=cfg.seed)
+    train_set, eval_set, selection = _evaluation_split(cfg, train_set)
     train_set = subset(train_set, cfg.train_subset, seed=cfg.seed)
-    test_set = subset(load_dataset(cfg.dataset, cfg.data_root, "test", seed=cfg.seed), max(cfg.eval_n, 1), cfg.seed)
     num_classes = cfg.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
         raise ConfigError(f"--num-classes {num_classes} but dataset '{cfg.dataset}' has {train_set.num_classes}")
@@ -233,6 +238,7 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
                 raise ConfigError(f"--{name} has no meaning for --method {cfg.method}")
             hyperparameters[name] = getattr(cfg, name)
     meta["hyperparameters"] = hyperparameters
+    meta["selection"] = selection
     loss_scale = loss_scale_factor(method, cfg.loss_scale, num_classes)
     meta["loss_scale"] = {"choice": cfg.loss_scale, "factor": loss_scale}
     meta["config"] = cfg.to_dict()
@@ -240,10 +246,40 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     return _Run(
         cfg=cfg, method=method, hyperparameters=hyperparameters, device=device, precision=precision, student=student,
         student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
-        train_set=train_set,
-        eval_x=to_float(test_set.images), eval_y=test_set.labels, num_classes=num_classes, dist=dist,
+        train_set=train_set, eval_split=selection["split"],
+        eval_x=None if eval_set is None else to_float(eval_set.images),
+        eval_y=None if eval_set is None else eval_set.labels, num_classes=num_classes, dist=dist,
         loss_scale=loss_scale, meta=meta,
     )
+
+
+def _evaluation_split(cfg: DistillConfig, train_set: ImageSet) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
+    """(the images to train on, the images of the per-epoch check, how student.pt is chosen, for the record).
+
+    The held-out images come out of the training set before --train-subset samples it, so runs with different
+    subsets, methods or seeds of training select on the same images. The test split is read only for --select test.
+    """
+    selection: dict[str, Any] = {
+        "select": cfg.select, "split": None, "n": 0,
+        "rule": "last epoch" if cfg.select == "last" else "best PGD-20 robust accuracy",
+    }
+    if cfg.select == "test":
+        test_set = subset(load_dataset(cfg.dataset, cfg.data_root, "test", seed=cfg.seed), cfg.eval_n, cfg.seed)
+        selection.update(split="test", n=len(test_set), seed=cfg.seed,
+                         note="selected on the test split, as the paper's 'best checkpoint' row: not a held-out "
+                              "estimate of the student's accuracy")
+        return train_set, test_set, selection
+    if cfg.val_n == 0:
+        return train_set, None, selection
+    if cfg.val_n + cfg.batch_size > len(train_set):
+        raise UsageError(
+            f"--val-n {cfg.val_n}: the training set has {len(train_set)} images, so holding out {cfg.val_n} leaves "
+            f"less than one batch (--batch-size {cfg.batch_size}) to train on; lower --val-n"
+        )
+    rest, held_out, indices = hold_out(train_set, cfg.val_n, seed=cfg.seed)
+    selection.update(split="val", n=cfg.val_n, seed=cfg.seed, source="training set",
+                     indices_sha256=hashlib.sha256(indices.numpy().tobytes()).hexdigest())
+    return rest, held_out, selection
 
 
 def _load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device, precision: Precision) -> nn.Module:
@@ -415,7 +451,8 @@ def _prepare_run_dir(out: Path, force: bool) -> None:
     for name in existing:  # --force: only what a run writes, never anything else in the folder
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    # Nothing is created here: a run refused by a later check (a bad --val-n) leaves no trace; the first checkpoint
+    # creates the folders.
 
 
 def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, float] | None, float]:
@@ -458,7 +495,7 @@ def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best:
     run.history.append(metrics)
     meta = {"epoch": epoch, "metrics": metrics}
     robust = metrics["robust_acc"]
-    if robust is not None and robust > best:
+    if run.cfg.select != "last" and robust is not None and robust > best:
         best = robust
         _save(run, out / "checkpoints" / "best.pt", meta)
     extra = _training_state(run, epoch + 1, 0, 0.0, 0, best)
