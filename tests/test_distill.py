@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import math
@@ -170,14 +171,31 @@ def test_cli_rejects_eps_given_as_8_with_a_hint():
 # ------------------------------------------------------------------------------------------------ training
 
 
+# The total each method minimises, from the terms metrics.jsonl records (authors' defaults and scale, 10 classes).
+TOTAL_FROM_TERMS = {
+    "rslad": (lambda t: 0.1 * (5 / 6 * t["kl_adv"] + 1 / 6 * t["kl_clean"]), {"kl_adv", "kl_clean"}),
+    "ard": (lambda t: 0.1 * t["kl_adv"], {"kl_adv"}),
+    "iad": (lambda t: t["kl_adv"], {"kl_adv"}),  # introspection starts after epoch 60
+    "sat": (lambda t: t["ce_adv"], {"ce_adv"}),
+    "trades": (lambda t: t["ce_clean"] + 6 * t["kl_adv"], {"ce_clean", "kl_adv"}),
+    "kd": (lambda t: 0.9 * t["kl_clean"] + 0.1 * t["ce_clean"], {"kl_clean", "ce_clean"}),
+    "natural": (lambda t: t["ce_clean"], {"ce_clean"}),
+}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_an_epoch_and_writes_the_run_directory(tmp_path, teacher_path, method):
+def test_every_method_trains_an_epoch_and_records_what_its_loss_was_made_of(tmp_path, teacher_path, method):
     cfg = tiny(tmp_path, method=method, teacher=str(teacher_path), epochs=1)
     student_path = train(cfg)
     (line,) = metrics(tmp_path / "run")
     assert set(line) == {"epoch", "train_loss", "clean_acc", "robust_acc", "lr", "images_per_s", "seconds",
-                         "eval_split"}
+                         "eval_split", "loss_terms", "train_robust_acc", "train_clean_acc"}
     assert math.isfinite(line["train_loss"]) and 0 <= line["robust_acc"] <= line["clean_acc"] <= 1
+    total, term_names = TOTAL_FROM_TERMS[method]
+    assert set(line["loss_terms"]) == term_names
+    assert line["train_loss"] == pytest.approx(total(line["loss_terms"]), rel=1e-4)
+    assert (line["train_robust_acc"] is not None) == (METHODS[method].attack_loss is not None)
+    assert (line["train_clean_acc"] is not None) == ("student_clean" in METHODS[method].needs)
     model, info = load_checkpoint(student_path)
     assert info["arch"] == "smallcnn" and info["meta"]["method"] == method
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists() and (tmp_path / "run" / "config.yaml").exists()
@@ -253,6 +271,10 @@ def test_interrupt_mid_epoch_saves_and_resume_gives_the_same_student_as_an_unint
     a, b = read_checkpoint(straight)["state_dict"], read_checkpoint(resumed)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["epoch"] for m in metrics(tmp_path / "b" / "run")] == [1, 2]
+    # The interrupted epoch's sums were saved and restored: its record matches the uninterrupted run's.
+    a_epoch2, b_epoch2 = metrics(tmp_path / "a" / "run")[1], metrics(tmp_path / "b" / "run")[1]
+    assert b_epoch2["loss_terms"] == pytest.approx(a_epoch2["loss_terms"], rel=1e-6)
+    assert b_epoch2["train_robust_acc"] == a_epoch2["train_robust_acc"]
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
@@ -267,8 +289,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     real_step = trainer.train_step
 
     def diverging_step(run, x, y, epoch, generator):
-        loss = real_step(run, x, y, epoch, generator)
-        return float("nan") if epoch == 2 else loss
+        step = real_step(run, x, y, epoch, generator)
+        return dataclasses.replace(step, loss=float("nan")) if epoch == 2 else step
 
     monkeypatch.setattr(trainer, "train_step", diverging_step)
     with pytest.raises(TrainingDivergedError, match="last good state"):

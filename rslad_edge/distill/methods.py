@@ -27,7 +27,7 @@ class StepLogits:
     teacher_adv: torch.Tensor | None = None
 
 
-LossFn = Callable[[StepLogits, dict[str, float], int], torch.Tensor]
+LossFn = Callable[[StepLogits, dict[str, float], int], losses.LossTerms]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Method:
     name: str
     summary: str
     needs_teacher: bool
-    loss: LossFn  # (logits, hyperparameters, epoch) -> scalar
+    loss: LossFn  # (logits, hyperparameters, 1-based epoch) -> the total and its named terms
     # Inner maximisation: None for methods without adversarial examples (natural, kd).
     attack_loss: str | None = None  # "ce" (vs labels) or "kl" (vs the clean soft labels below)
     attack_target: str | None = None  # "teacher": T(x) probabilities; "self": the student's own f(x)
@@ -49,38 +49,40 @@ class Method:
     paper_overrides: dict[str, Any] = field(default_factory=dict)  # schedule of the authors' own recipe
 
 
-def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.rslad_loss(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"])
+def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    return losses.rslad_terms(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"])
 
 
-def _ard(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.ard_loss(
+def _ard(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    return losses.ard_terms(
         logits.student_adv, logits.teacher_clean, logits.student_clean, logits.labels, hp["alpha"], hp["temperature"]
     )
 
 
-def _iad(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.iad_loss(
+def _iad(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    return losses.iad_terms(
         logits.student_adv, logits.student_clean, logits.teacher_clean, logits.teacher_adv, logits.labels,
         # epoch is 1-based here; the authors test their 0-based epoch >= begin.
         introspect=epoch > hp["begin"], alpha=hp["alpha"], temperature=hp["temperature"], beta=hp["beta"],
     )
 
 
-def _sat(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.cross_entropy(logits.student_adv, logits.labels)
+def _sat(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    ce_adv = losses.cross_entropy(logits.student_adv, logits.labels)
+    return losses.LossTerms(ce_adv, {"ce_adv": ce_adv})
 
 
-def _trades(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.trades_loss(logits.student_adv, logits.student_clean, logits.labels, beta=hp["beta"])
+def _trades(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    return losses.trades_terms(logits.student_adv, logits.student_clean, logits.labels, beta=hp["beta"])
 
 
-def _kd(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.kd_loss(logits.student_clean, logits.teacher_clean, logits.labels, hp["alpha"], hp["temperature"])
+def _kd(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    return losses.kd_terms(logits.student_clean, logits.teacher_clean, logits.labels, hp["alpha"], hp["temperature"])
 
 
-def _natural(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.cross_entropy(logits.student_clean, logits.labels)
+def _natural(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+    ce_clean = losses.cross_entropy(logits.student_clean, logits.labels)
+    return losses.LossTerms(ce_clean, {"ce_clean": ce_clean})
 
 
 METHODS: dict[str, Method] = {

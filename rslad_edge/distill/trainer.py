@@ -144,7 +144,7 @@ def train(
 
 
 def _run_epoch(
-    run: _Run, out: Path, epoch: int, start_batch: int, partial: dict[str, float] | None, best_robust: float,
+    run: _Run, out: Path, epoch: int, start_batch: int, partial: dict[str, Any] | None, best_robust: float,
     observer: TrainObserver | None,
 ) -> float:
     """Train, evaluate (rank 0) and checkpoint one epoch; returns the best robust accuracy so far."""
@@ -153,13 +153,13 @@ def _run_epoch(
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     started = time.perf_counter()
-    train_loss, images = _train_epoch(run, epoch, start_batch, partial, observer)
+    train_loss, images, loss_made_of = _train_epoch(run, epoch, start_batch, partial, observer)
     train_seconds = time.perf_counter() - started
     ddp.broadcast_buffers(run.student, dist)  # BN running stats: rank 0's, everywhere
 
     metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "clean_acc": None, "robust_acc": None,
                                "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None,
-                               "eval_split": None}
+                               "eval_split": None, **loss_made_of}
     if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and run.eval_split is not None:
         if observer:
             observer.evaluating(len(run.eval_y))
@@ -343,16 +343,18 @@ def _num_batches(run: _Run) -> int:
 
 
 def _train_epoch(
-    run: _Run, epoch: int, start_batch: int, partial: dict[str, float] | None, observer: TrainObserver | None
-) -> tuple[float, int]:
-    """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks)."""
+    run: _Run, epoch: int, start_batch: int, partial: dict[str, Any] | None, observer: TrainObserver | None
+) -> tuple[float, int, dict[str, Any]]:
+    """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks, what the loss was
+    made of: the method's terms and the train-mode accuracies on x' and x, averaged over the epoch's images)."""
     cfg, dist = run.cfg, run.dist
     images, labels = run.train_set.to_device(run.device)
     order = _epoch_order(run, epoch)
     num_batches = _num_batches(run)
     loss_sum = partial["loss_sum"] if partial else 0.0
     seen = int(partial["seen"]) if partial else 0
-    run.progress = {"batch": start_batch, "loss_sum": loss_sum, "seen": seen}
+    sums: dict[str, float] = dict(partial.get("sums", {})) if partial else {}  # image-weighted, all ranks
+    run.progress = {"batch": start_batch, "loss_sum": loss_sum, "seen": seen, "sums": sums}
     if observer:
         observer.epoch_started(epoch, cfg.epochs, num_batches, start_batch)
     epoch_images = 0
@@ -365,25 +367,84 @@ def _train_epoch(
         if run.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         step_started = time.perf_counter()
-        loss = train_step(run, x, y, epoch, generator)
-        if not math.isfinite(loss):
+        step = train_step(run, x, y, epoch, generator)
+        if not math.isfinite(step.loss):
             raise TrainingDivergedError(
-                f"the training loss became {loss} at epoch {epoch}, batch {batch + 1}; training stopped. The last "
-                f"good state is {Path(cfg.out) / 'checkpoints' / 'last.pt'}. Try a lower --lr or --precision fp32."
+                f"the training loss became {step.loss} at epoch {epoch}, batch {batch + 1}; training stopped. The "
+                f"last good state is {Path(cfg.out) / 'checkpoints' / 'last.pt'}. Try a lower --lr or --precision "
+                "fp32."
             )
         batch_images = len(index) * dist.world_size
-        loss_sum += loss * batch_images
+        loss_sum += step.loss * batch_images
         seen += batch_images
         epoch_images += batch_images
-        run.progress = {"batch": batch + 1, "loss_sum": loss_sum, "seen": seen}
+        for name, value in step.terms.items():
+            sums[name] = sums.get(name, 0.0) + value * batch_images
+        for name, correct in [("adv_correct", step.adv_correct), ("clean_correct", step.clean_correct)]:
+            if correct is not None:
+                sums[name] = sums.get(name, 0.0) + correct
+        run.progress = {"batch": batch + 1, "loss_sum": loss_sum, "seen": seen, "sums": sums}
         if observer:
-            observer.batch_done(loss, batch_images / (time.perf_counter() - step_started))
-    return loss_sum / max(seen, 1), epoch_images
+            observer.batch_done(step.loss, batch_images / (time.perf_counter() - step_started))
+    return loss_sum / max(seen, 1), epoch_images, _epoch_summary(sums, seen)
 
 
-def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generator: torch.Generator) -> float:
-    """One optimisation step of the method on the batch ``(x, y)``; returns the loss as a float (all ranks' mean)."""
-    method, cfg, student = run.method, run.cfg, run.student
+def _epoch_summary(sums: dict[str, float], seen: int) -> dict[str, Any]:
+    """Per-image means of an epoch's sums: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the train-mode student
+    on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that forward it)."""
+    seen = max(seen, 1)
+    summary: dict[str, Any] = {
+        "loss_terms": {name: value / seen for name, value in sums.items() if name not in _CORRECT_COUNTS},
+        "train_robust_acc": None, "train_clean_acc": None,
+    }
+    for name, key in _CORRECT_COUNTS.items():
+        if name in sums:
+            summary[key] = sums[name] / seen
+    return summary
+
+
+_CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimisation step reports, over the global batch (all ranks)."""
+
+    loss: float  # the loss the optimiser minimised (the method's total times the loss scale), mean over ranks
+    terms: dict[str, float]  # the method's loss terms, unweighted and unscaled, mean over ranks
+    adv_correct: int | None  # images the train-mode student classifies right on x' (None: no x')
+    clean_correct: int | None  # ... on x (None: the method does not forward x)
+
+
+def craft_adversarial(
+    run: _Run, x: torch.Tensor, y: torch.Tensor, teacher_clean: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """The method's inner maximisation: x' for the batch, with the student in its authors' BN mode during the attack
+    (eval: the BN-folded view, running statistics untouched; train: batch statistics, running statistics updated
+    by every attack forward, as in ARD's and Madry's code). Leaves the student in that mode."""
+    method, cfg = run.method, run.cfg
+    autocast = run.precision.autocast(run.device)
+    run.student.train(method.attack_bn_mode == "train")
+    if run.folded is not None:
+        run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
+    target_probs = None
+    if method.attack_loss == "kl":
+        if method.attack_target == "teacher":
+            target_probs = F.softmax(teacher_clean, dim=1)
+        else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
+            with torch.no_grad(), autocast:
+                target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
+    with autocast:
+        return pgd(
+            run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
+            generator=generator,
+        )
+
+
+def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generator: torch.Generator) -> StepResult:
+    """One optimisation step of the method on the batch ``(x, y)`` (this rank's shard)."""
+    method, student = run.method, run.student
     autocast = run.precision.autocast(run.device)
 
     teacher_clean = None
@@ -391,24 +452,7 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
         with torch.inference_mode(), autocast:
             teacher_clean = run.teacher(x).float().clone()  # (B, C); clone leaves inference mode for autograd
 
-    x_adv = None
-    if method.attack_loss is not None:
-        target_probs = None
-        student.train(method.attack_bn_mode == "train")
-        if run.folded is not None:
-            run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
-        if method.attack_loss == "kl":
-            if method.attack_target == "teacher":
-                target_probs = F.softmax(teacher_clean, dim=1)
-            else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
-                with torch.no_grad(), autocast:
-                    target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
-        with autocast:
-            x_adv = pgd(
-                run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
-                loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
-                generator=generator,
-            )
+    x_adv = craft_adversarial(run, x, y, teacher_clean, generator) if method.attack_loss is not None else None
 
     student.train()
     with autocast:
@@ -421,7 +465,8 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
             teacher_adv = run.teacher(x_adv).float().clone()
     logits = StepLogits(labels=y, student_adv=student_adv, student_clean=student_clean, teacher_clean=teacher_clean,
                         teacher_adv=teacher_adv)
-    loss = method.loss(logits, run.hyperparameters, epoch) * run.loss_scale
+    objective = method.loss(logits, run.hyperparameters, epoch)
+    loss = objective.total * run.loss_scale
 
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
@@ -433,7 +478,27 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
         loss.backward()
         ddp.all_reduce_gradients(student, run.dist)
         run.optimizer.step()
-    return ddp.mean_scalar(loss.detach(), run.dist)
+    return _step_result(loss, objective.terms, student_adv, student_clean, y, run.dist)
+
+
+def _step_result(
+    loss: torch.Tensor, terms: dict[str, torch.Tensor], student_adv: torch.Tensor | None,
+    student_clean: torch.Tensor | None, y: torch.Tensor, dist: ddp.DistInfo,
+) -> StepResult:
+    """Everything a step reports, in one all-reduce (and one device sync): means of the losses, sums of the counts."""
+    names = list(terms)
+    correct = {kind: (logits.detach().argmax(1) == y).sum()
+               for kind, logits in (("adv", student_adv), ("clean", student_clean)) if logits is not None}
+    values = torch.stack([loss.detach().float(), *(terms[n].detach().float() for n in names),
+                          *(count.float() for count in correct.values())])
+    totals = ddp.sum_over_ranks(values, dist).tolist()
+    term_totals, correct_totals = totals[1:1 + len(names)], dict(zip(correct, totals[1 + len(names):], strict=True))
+    return StepResult(
+        loss=totals[0] / dist.world_size,
+        terms={name: total / dist.world_size for name, total in zip(names, term_totals, strict=True)},
+        adv_correct=round(correct_totals["adv"]) if "adv" in correct_totals else None,
+        clean_correct=round(correct_totals["clean"]) if "clean" in correct_totals else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- state
@@ -455,7 +520,7 @@ def _prepare_run_dir(out: Path, force: bool) -> None:
     # creates the folders.
 
 
-def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, float] | None, float]:
+def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, Any] | None, float]:
     """Load student, optimizer and progress from ``last.pt``: (epoch to run, first batch, partial sums, best)."""
     state = read_checkpoint(path)
     run.student.load_state_dict(state["state_dict"])
@@ -466,16 +531,19 @@ def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, float] | None, 
     run.history = list(state["history"])
     progress = state["progress"]
     logger.info("resuming %s at epoch %d, batch %d", path, progress["epoch"], progress["batch"])
-    partial = {"loss_sum": progress["loss_sum"], "seen": progress["seen"]} if progress["batch"] else None
+    partial = ({"loss_sum": progress["loss_sum"], "seen": progress["seen"], "sums": progress.get("sums", {})}
+               if progress["batch"] else None)
     return progress["epoch"], progress["batch"], partial, state["best_robust_acc"]
 
 
-def _training_state(run: _Run, epoch: int, batch: int, loss_sum: float, seen: int, best: float) -> dict[str, Any]:
+def _training_state(
+    run: _Run, epoch: int, batch: int, loss_sum: float, seen: int, best: float, sums: dict[str, float] | None = None
+) -> dict[str, Any]:
     state = {
         "optimizer": run.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         # The epoch (1-based) and batch to continue from; partial sums of an interrupted epoch.
-        "progress": {"epoch": epoch, "batch": batch, "loss_sum": loss_sum, "seen": seen},
+        "progress": {"epoch": epoch, "batch": batch, "loss_sum": loss_sum, "seen": seen, "sums": dict(sums or {})},
         "best_robust_acc": best,
         "history": run.history,
     }
@@ -508,7 +576,8 @@ def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best:
 def _save_interrupted(run: _Run, out: Path, epoch: int, best: float) -> TrainingInterrupted:
     progress = run.progress or {"batch": 0, "loss_sum": 0.0, "seen": 0}
     if run.dist.is_main:
-        extra = _training_state(run, epoch, progress["batch"], progress["loss_sum"], progress["seen"], best)
+        extra = _training_state(run, epoch, progress["batch"], progress["loss_sum"], progress["seen"], best,
+                                progress.get("sums"))
         _save(run, out / "checkpoints" / "last.pt", {"epoch": epoch - 1, "interrupted_at_batch": progress["batch"]},
               extra)
     return TrainingInterrupted(
