@@ -2,8 +2,9 @@
 
 Each ``*_terms`` function returns :class:`LossTerms`: the total in the form its authors wrote it (batchmean KL) and
 its named parts, which ``metrics.jsonl`` records per epoch. Where the authors' code reduced a KL differently
-(RSLAD: batchmean / 10, ARD: batchmean / C), ``--loss-scale authors`` restores their scale in the trainer (see
-``methods.loss_scale_factor``). ``rslad_loss`` is RSLAD's total alone. Shapes: logits (B, C), labels (B,).
+(RSLAD: batchmean / 10, ARD: batchmean / C), ``kl_scale`` multiplies that KL in the total (``--loss-scale authors``,
+see ``methods.kl_scale_factor``); the terms stay batchmean. ``rslad_loss`` is RSLAD's total alone. Shapes: logits
+(B, C), labels (B,).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class LossTerms:
-    """``total``: the scalar the method minimises (before the loss scale). ``terms``: its parts by name, each a scalar
-    without the method's weights (alpha, beta), so that their values compare across methods and settings."""
+    """``total``: the scalar the method minimises. ``terms``: its parts by name, each a scalar without the method's
+    weights (alpha, beta) and loss scale, so that their values compare across methods and settings."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor]
@@ -49,16 +50,18 @@ def rslad_terms(
     student_clean_logits: torch.Tensor,
     teacher_clean_logits: torch.Tensor,
     alpha: float = 5 / 6,
+    kl_scale: float = 1.0,
 ) -> LossTerms:
     """RSLAD: the teacher's clean soft labels replace every hard label.
 
-    ``alpha·KL(T(x) ‖ S(x')) + (1 − alpha)·KL(T(x) ‖ S(x))``, batchmean KL at temperature 1. The authors' code
-    averages the elementwise KL over batch × classes (CIFAR-10), i.e. this value / 10: ``--loss-scale authors``.
+    ``alpha·KL(T(x) ‖ S(x')) + (1 − alpha)·KL(T(x) ‖ S(x))``, batchmean KL at temperature 1, times ``kl_scale``. The
+    authors' code averages the elementwise KL over batch × classes (CIFAR-10), i.e. ``kl_scale`` = 1/10.
     """
     teacher_clean_logits = teacher_clean_logits.detach()
     kl_adv = kl_batchmean(teacher_clean_logits, student_adv_logits)
     kl_clean = kl_batchmean(teacher_clean_logits, student_clean_logits)
-    return LossTerms(alpha * kl_adv + (1 - alpha) * kl_clean, {"kl_adv": kl_adv, "kl_clean": kl_clean})
+    total = kl_scale * (alpha * kl_adv + (1 - alpha) * kl_clean)
+    return LossTerms(total, {"kl_adv": kl_adv, "kl_clean": kl_clean})
 
 
 def rslad_loss(
@@ -78,12 +81,14 @@ def ard_terms(
     labels: torch.Tensor,
     alpha: float = 1.0,
     temperature: float = 30.0,
+    kl_scale: float = 1.0,
 ) -> LossTerms:
-    """ARD (Goldblum et al.): ``α·τ²·KL(T^τ(x) ‖ S^τ(x')) + (1 − α)·CE(S(x), y)`` (batchmean KL form; the authors'
-    ``nn.KLDivLoss()`` is this KL / C: ``--loss-scale authors``). Terms: ``kl_adv`` = τ²·KL, ``ce_clean`` if α < 1."""
+    """ARD (Goldblum et al.): ``α·τ²·KL(T^τ(x) ‖ S^τ(x'))·kl_scale + (1 − α)·CE(S(x), y)``. The authors'
+    ``nn.KLDivLoss()`` is the batchmean KL / C (``kl_scale`` = 1/C); their cross-entropy is a plain batch mean.
+    Terms: ``kl_adv`` = τ²·KL (batchmean), ``ce_clean`` if α < 1."""
     kl_adv = temperature**2 * kl_batchmean(teacher_clean_logits.detach(), student_adv_logits, temperature)
     terms = {"kl_adv": kl_adv}
-    total = alpha * kl_adv
+    total = alpha * kl_scale * kl_adv
     if alpha < 1:
         terms["ce_clean"] = cross_entropy(student_clean_logits, labels)
         total = total + (1 - alpha) * terms["ce_clean"]

@@ -27,7 +27,7 @@ class StepLogits:
     teacher_adv: torch.Tensor | None = None
 
 
-LossFn = Callable[[StepLogits, dict[str, float], int], losses.LossTerms]
+LossFn = Callable[[StepLogits, dict[str, float], int, float], losses.LossTerms]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Method:
     name: str
     summary: str
     needs_teacher: bool
-    loss: LossFn  # (logits, hyperparameters, 1-based epoch) -> the total and its named terms
+    loss: LossFn  # (logits, hyperparameters, 1-based epoch, kl_scale) -> the total and its named terms
     # Inner maximisation: None for methods without adversarial examples (natural, kd).
     attack_loss: str | None = None  # "ce" (vs labels) or "kl" (vs the clean soft labels below)
     attack_target: str | None = None  # "teacher": T(x) probabilities; "self": the student's own f(x)
@@ -43,23 +43,28 @@ class Method:
     attack_bn_mode: str = "eval"  # the student's BN mode while crafting x', as in the authors' code
     needs: frozenset[str] = frozenset()  # forwards besides the attack: student_adv, student_clean, teacher_adv
     hyperparameters: dict[str, float] = field(default_factory=dict)  # authors' defaults; --alpha etc. override
-    # num_classes -> the factor by which the authors' code scales this loss relative to its batchmean form (their
-    # lr and weight decay were tuned at that scale); applied under --loss-scale authors, see loss_scale_factor.
-    authors_scale: Callable[[int], float] = lambda num_classes: 1.0
+    # num_classes -> the factor by which the authors' code scales this method's KL term(s) relative to batchmean
+    # (their lr and weight decay were tuned at that scale); applied under --loss-scale authors (kl_scale_factor).
+    authors_kl_scale: Callable[[int], float] = lambda num_classes: 1.0
     paper_overrides: dict[str, Any] = field(default_factory=dict)  # schedule of the authors' own recipe
 
 
-def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
-    return losses.rslad_terms(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"])
+def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.rslad_terms(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"],
+                              kl_scale=kl_scale)
 
 
-def _ard(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+def _ard(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     return losses.ard_terms(
-        logits.student_adv, logits.teacher_clean, logits.student_clean, logits.labels, hp["alpha"], hp["temperature"]
+        logits.student_adv, logits.teacher_clean, logits.student_clean, logits.labels, hp["alpha"], hp["temperature"],
+        kl_scale=kl_scale,
     )
 
 
-def _iad(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+# The methods below have no KL whose authors' reduction differs from batchmean: kl_scale is always 1 for them.
+
+
+def _iad(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     return losses.iad_terms(
         logits.student_adv, logits.student_clean, logits.teacher_clean, logits.teacher_adv, logits.labels,
         # epoch is 1-based here; the authors test their 0-based epoch >= begin.
@@ -67,20 +72,20 @@ def _iad(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTer
     )
 
 
-def _sat(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+def _sat(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     ce_adv = losses.cross_entropy(logits.student_adv, logits.labels)
     return losses.LossTerms(ce_adv, {"ce_adv": ce_adv})
 
 
-def _trades(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+def _trades(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     return losses.trades_terms(logits.student_adv, logits.student_clean, logits.labels, beta=hp["beta"])
 
 
-def _kd(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+def _kd(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     return losses.kd_terms(logits.student_clean, logits.teacher_clean, logits.labels, hp["alpha"], hp["temperature"])
 
 
-def _natural(logits: StepLogits, hp: dict[str, float], epoch: int) -> losses.LossTerms:
+def _natural(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
     ce_clean = losses.cross_entropy(logits.student_clean, logits.labels)
     return losses.LossTerms(ce_clean, {"ce_clean": ce_clean})
 
@@ -95,15 +100,16 @@ METHODS: dict[str, Method] = {
             hyperparameters={"alpha": 5 / 6},
             # The authors average the elementwise KL over batch x classes: batchmean / 10 on CIFAR-10, and multiply
             # by 10 on CIFAR-100 (elementwise mean over 100 classes x 10): batchmean / 10 in both cases.
-            authors_scale=lambda num_classes: 0.1,
+            authors_kl_scale=lambda num_classes: 0.1,
         ),
         Method(
             "ard", "ARD: tempered KL to the teacher on PGD examples (Goldblum et al., AAAI 2020)",
             needs_teacher=True, loss=_ard, attack_loss="ce", random_start="uniform", attack_bn_mode="train",
             needs=frozenset({"student_adv", "student_clean"}),
             hyperparameters={"alpha": 1.0, "temperature": 30.0},
-            # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C.
-            authors_scale=lambda num_classes: 1.0 / num_classes,
+            # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C (their CE is a plain
+            # batch mean, unscaled).
+            authors_kl_scale=lambda num_classes: 1.0 / num_classes,
             paper_overrides={"epochs": 200, "milestones": [100, 150]},
         ),
         Method(
@@ -135,10 +141,10 @@ METHODS: dict[str, Method] = {
 }
 
 
-def loss_scale_factor(method: Method, loss_scale: str, num_classes: int) -> float:
-    """What the trainer multiplies the method's (batchmean) loss by: the authors' factor under ``--loss-scale
-    authors``, 1 under ``batchmean``. Only RSLAD (1/10) and ARD (1/C) differ between the two."""
-    return method.authors_scale(num_classes) if loss_scale == "authors" else 1.0
+def kl_scale_factor(method: Method, loss_scale: str, num_classes: int) -> float:
+    """The factor on the method's KL term(s): the authors' under ``--loss-scale authors``, 1 under ``batchmean``.
+    Only RSLAD (1/10, both terms) and ARD (1/C, its KL term) differ between the two."""
+    return method.authors_kl_scale(num_classes) if loss_scale == "authors" else 1.0
 
 
 def get_method(name: str) -> Method:

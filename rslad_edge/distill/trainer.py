@@ -30,12 +30,13 @@ import yaml
 from torch import nn
 
 from rslad_edge import __version__
-from rslad_edge.attacks import get_attack, pgd, robust_correct
+from rslad_edge.attacks import get_attack, robust_correct
 from rslad_edge.data import ImageSet, augment_batch, hold_out, load_dataset, subset, to_float
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
-from rslad_edge.distill.methods import Method, StepLogits, get_method, loss_scale_factor
+from rslad_edge.distill.inner_max import training_attack
+from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_factor
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.io import atomic_write, sha256_file
@@ -84,7 +85,7 @@ class _Run:
     eval_y: torch.Tensor | None
     num_classes: int
     dist: ddp.DistInfo
-    loss_scale: float  # the factor on the method's batchmean loss that --loss-scale chose (0.1 for RSLAD's authors')
+    kl_scale: float  # the factor on the method's KL term(s) that --loss-scale chose (0.1 for RSLAD's authors')
     meta: dict[str, Any]
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics of the finished epochs
     progress: dict[str, float] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
@@ -239,8 +240,8 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
             hyperparameters[name] = getattr(cfg, name)
     meta["hyperparameters"] = hyperparameters
     meta["selection"] = selection
-    loss_scale = loss_scale_factor(method, cfg.loss_scale, num_classes)
-    meta["loss_scale"] = {"choice": cfg.loss_scale, "factor": loss_scale}
+    kl_scale = kl_scale_factor(method, cfg.loss_scale, num_classes)
+    meta["loss_scale"] = {"choice": cfg.loss_scale, "kl_factor": kl_scale}
     meta["config"] = cfg.to_dict()
     meta["rslad_edge_version"] = __version__
     return _Run(
@@ -249,7 +250,7 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
         train_set=train_set, eval_split=selection["split"],
         eval_x=None if eval_set is None else to_float(eval_set.images),
         eval_y=None if eval_set is None else eval_set.labels, num_classes=num_classes, dist=dist,
-        loss_scale=loss_scale, meta=meta,
+        kl_scale=kl_scale, meta=meta,
     )
 
 
@@ -410,7 +411,7 @@ _CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_cl
 class StepResult:
     """What one optimisation step reports, over the global batch (all ranks)."""
 
-    loss: float  # the loss the optimiser minimised (the method's total times the loss scale), mean over ranks
+    loss: float  # the loss the optimiser minimised (at the chosen --loss-scale), mean over ranks
     terms: dict[str, float]  # the method's loss terms, unweighted and unscaled, mean over ranks
     adv_correct: int | None  # images the train-mode student classifies right on x' (None: no x')
     clean_correct: int | None  # ... on x (None: the method does not forward x)
@@ -421,7 +422,8 @@ def craft_adversarial(
 ) -> torch.Tensor:
     """The method's inner maximisation: x' for the batch, with the student in its authors' BN mode during the attack
     (eval: the BN-folded view, running statistics untouched; train: batch statistics, running statistics updated
-    by every attack forward, as in ARD's and Madry's code). Leaves the student in that mode."""
+    by every attack forward, as in ARD's and Madry's code), the random start unclamped as in their training loops
+    (``inner_max.py``). Leaves the student in that mode."""
     method, cfg = run.method, run.cfg
     autocast = run.precision.autocast(run.device)
     run.student.train(method.attack_bn_mode == "train")
@@ -435,7 +437,7 @@ def craft_adversarial(
             with torch.no_grad(), autocast:
                 target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
     with autocast:
-        return pgd(
+        return training_attack(
             run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
             loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
             generator=generator,
@@ -465,8 +467,8 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
             teacher_adv = run.teacher(x_adv).float().clone()
     logits = StepLogits(labels=y, student_adv=student_adv, student_clean=student_clean, teacher_clean=teacher_clean,
                         teacher_adv=teacher_adv)
-    objective = method.loss(logits, run.hyperparameters, epoch)
-    loss = objective.total * run.loss_scale
+    objective = method.loss(logits, run.hyperparameters, epoch, run.kl_scale)
+    loss = objective.total
 
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
