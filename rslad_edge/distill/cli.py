@@ -64,7 +64,8 @@ def distill(
         "decay λ steps exactly as the unscaled loss at lr η·s, weight decay λ/s (SGD, momentum). "
         "[default: authors; batchmean in the short presets]")] = None,
     milestones: Annotated[str | None, typer.Option(
-        help="Epochs at which lr is multiplied by 0.1. [default: 215,260,285]")] = None,
+        help="First epochs at a 10x lower lr. [default: 216,261,286: RSLAD's code lowers it after epochs 215, 260, "
+        "285; ARD/IAD 101 (of 200), TRADES 75 (of 76), as their code runs]")] = None,
     eps: Annotated[str | None, typer.Option(help="L-inf radius in pixel units: 8/255, not 8. [default: 8/255]")] = None,
     step_size: Annotated[str | None, typer.Option(help="Attack step size. [default: 2/255]")] = None,
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps of the training attack. [default: 10]")] = None,

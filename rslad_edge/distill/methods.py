@@ -46,7 +46,8 @@ class Method:
     # num_classes -> the factor by which the authors' code scales this method's KL term(s) relative to batchmean
     # (their lr and weight decay were tuned at that scale); applied under --loss-scale authors (kl_scale_factor).
     authors_kl_scale: Callable[[int], float] = lambda num_classes: 1.0
-    paper_overrides: dict[str, Any] = field(default_factory=dict)  # schedule of the authors' own recipe
+    # The method's own recipe under --preset paper, as its authors' code runs it (README: "Schedules").
+    paper_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
@@ -107,17 +108,19 @@ METHODS: dict[str, Method] = {
             needs_teacher=True, loss=_ard, attack_loss="ce", random_start="uniform", attack_bn_mode="train",
             needs=frozenset({"student_adv", "student_clean"}),
             hyperparameters={"alpha": 1.0, "temperature": 30.0},
+            # 200 epochs, "lr x0.1 at 100 and 150" in 0-based epochs; adjust_learning_rate scales a local copy of the
+            # initial lr, so 150 sets 0.01 again: 0.1 for 1-based epochs 1-100, 0.01 from 101 to the end.
+            paper_overrides={"epochs": 200, "milestones": [101]},
             # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C (their CE is a plain
             # batch mean, unscaled).
             authors_kl_scale=lambda num_classes: 1.0 / num_classes,
-            paper_overrides={"epochs": 200, "milestones": [100, 150]},
         ),
         Method(
             "iad", "IAD-I: ARD plus introspection where the teacher is unreliable (Zhu et al., ICLR 2022)",
             needs_teacher=True, loss=_iad, attack_loss="ce", random_start="uniform", attack_bn_mode="train",
             needs=frozenset({"student_adv", "student_clean", "teacher_adv"}),
             hyperparameters={"alpha": 1.0, "temperature": 1.0, "beta": 0.1, "begin": 60},
-            paper_overrides={"epochs": 200, "milestones": [100, 150]},
+            paper_overrides={"epochs": 200, "milestones": [101]},  # ARD's code, and its schedule, as ARD above
         ),
         Method(
             "sat", "SAT: Madry PGD adversarial training with cross-entropy", needs_teacher=False, loss=_sat,
@@ -127,6 +130,7 @@ METHODS: dict[str, Method] = {
             "trades", "TRADES: CE on clean + beta x KL(f(x) || f(x')) (Zhang et al., ICML 2019)", needs_teacher=False,
             loss=_trades, attack_loss="kl", attack_target="self", random_start="normal", attack_bn_mode="eval",
             needs=frozenset({"student_adv", "student_clean"}), hyperparameters={"beta": 6.0},
+            # train_trades_cifar10.py: 1-based epochs, lr x0.1 from epoch 75; 76 epochs for CIFAR-10.
             paper_overrides={"step_size": 0.007, "epochs": 76, "milestones": [75]},
         ),
         Method(
