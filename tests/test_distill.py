@@ -149,8 +149,25 @@ def test_bad_options_are_config_errors_naming_the_flag(overrides, match):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="paper, fast, smoke"):
+    with pytest.raises(ConfigError, match="paper, fast, cpu-30min, smoke"):
         resolve_config("papr")
+
+
+def test_cpu_30min_preset_is_the_paper_recipe_but_for_the_schedule_and_the_scale():
+    paper, cpu = resolve_config("paper").to_dict(), resolve_config("cpu-30min").to_dict()
+    differing = {key for key in paper if paper[key] != cpu[key]}
+    assert differing == {"epochs", "milestones", "train_subset", "val_n", "eval_n", "loss_scale", "preset"}
+    assert cpu["loss_scale"] == "batchmean" and cpu["student"] == "mobilenetv2"
+    lrs = [step_lr(epoch, cpu["lr"], cpu["milestones"]) for epoch in range(1, cpu["epochs"] + 1)]
+    assert lrs[-1] == pytest.approx(0.01) and lrs.count(0.1) / len(lrs) == pytest.approx(215 / 300, abs=0.1)
+    # Within 30 minutes at the ~20 img/s MobileNetV2 RSLAD ran at on the 2-core CPU, evaluation included.
+    assert cpu["epochs"] * cpu["train_subset"] / 20 <= 30 * 60
+
+
+def test_cpu_30min_preset_gives_rslad_sat_and_ard_the_same_images_steps_and_schedule():
+    configs = [resolve_config("cpu-30min", cli_values={"method": m}).to_dict() for m in ("rslad", "sat", "ard")]
+    for cfg in configs[1:]:
+        assert {key for key in cfg if cfg[key] != configs[0][key]} == {"method"}
 
 
 def test_cli_rejects_eps_given_as_8_with_a_hint():
