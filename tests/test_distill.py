@@ -249,6 +249,24 @@ def test_resume_refuses_to_change_the_experiment(tmp_path):
         resume_config(tmp_path / "run", lr=0.5)
 
 
+def test_resume_refuses_to_change_the_held_out_split_the_selection_or_the_loss_scale(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tiny(tmp_path).to_dict()))
+    for flag, value in [("val_n", 64), ("select", "last"), ("loss_scale", "batchmean")]:
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} cannot change when resuming"):
+            resume_config(run_dir, **{flag: value})
+
+
+def test_resuming_a_run_from_before_the_held_out_split_keeps_its_test_selection_and_scale(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = {k: v for k, v in tiny(tmp_path, eval_n=32).to_dict().items() if k not in ("val_n", "select", "loss_scale")}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = resume_config(run_dir)
+    assert (cfg.val_n, cfg.select, cfg.loss_scale) == (0, "test", "authors")  # what that run did
+
+
 class InterruptAt:
     """An observer that presses Ctrl-C after a given number of batches."""
 
