@@ -7,8 +7,8 @@ gradient at ``x + noise`` as drawn, slightly outside [0, 1] where a pixel is sat
 and clamped. Evaluation PGD (RSLAD's own ``attack_pgd``, the verify stage) clamps the start, as ``attacks.pgd`` does.
 The difference is not cosmetic: from the same noise, 5 steps on a batch with saturated rows gave x' differing in 45%
 of its pixels (and in none on images away from 0 and 1); ``tests/test_distill_reference.py`` checks this loop
-against transcriptions of the authors' loops. (``attacks.pgd`` taking a ``clamp_start`` option would let this
-file go; attacks/ belongs to another stage's owners.)
+against transcriptions of the authors' loops. (A ``clamp_start`` option of ``attacks.pgd`` would make this file
+unnecessary.)
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class _Run:
     kl_scale: float  # the factor on the method's KL term(s) that --loss-scale chose (0.1 for RSLAD's authors')
     meta: dict[str, Any]
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics of the finished epochs
-    progress: dict[str, float] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
+    progress: dict[str, Any] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
 
 
 def train(
@@ -390,6 +390,9 @@ def _train_epoch(
     return loss_sum / max(seen, 1), epoch_images, _epoch_summary(sums, seen)
 
 
+_CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}  # sums -> metric keys
+
+
 def _epoch_summary(sums: dict[str, float], seen: int) -> dict[str, Any]:
     """Per-image means of an epoch's sums: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the train-mode student
     on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that forward it)."""
@@ -402,9 +405,6 @@ def _epoch_summary(sums: dict[str, float], seen: int) -> dict[str, Any]:
         if name in sums:
             summary[key] = sums[name] / seen
     return summary
-
-
-_CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}
 
 
 @dataclass(frozen=True)
