@@ -8,7 +8,8 @@ wall-clock guard and its elapsed time; a failed phase is recorded with a one-lin
     data             unpack the CIFAR-10 JPEG archive, decode it once into the imagefolder cache
     teacher          ResNet-18, fast AT (SAT with one FGSM step of 10/255 from a uniform start), --precision auto
     student          RSLAD MobileNetV2 from that teacher, the ``fast`` preset's recipe for a few epochs, bf16 AMP
-                     + channels_last; images/s per epoch, clean / PGD-20 accuracy on 1,000 test images
+                     + channels_last; images/s per epoch, clean / PGD-20 on 1,000 held-out training images (the
+                     test-image figures are verify's)
     export_fp32/16   ONNX fp32 and fp16 of the GPU-trained student, parity vs PyTorch on ONNX Runtime's CPU provider
     bench            the checkpoint on cuda: fp32, bf16 and fp16 autocast at batch 1, 64 and 256 (``bench
                      --precision``; bench times ``predict``, so the figure includes the host-device copies)
@@ -104,7 +105,7 @@ class Settings:
     student_precision: str
     batch_size: int  # 128: the paper's
     attack_steps: int | None  # None: the fast preset's PGD-10
-    eval_n: int  # per-epoch clean / PGD-20 check of teacher and student
+    val_n: int  # held-out training images: the per-epoch clean / PGD-20 check and selection (distill --val-n)
     window_images: int  # per epoch of each timed window; a multiple of batch_size (a short last batch recompiles)
     window_precision: str  # of the eager and the compiled window (the fp16 window is fp16)
     parity_n: int
@@ -128,7 +129,7 @@ class Settings:
         return cls(device="cuda", time_limit_s=450, budgets_s=budgets, teacher_arch="resnet18",
                    teacher_precision="auto", teacher_epochs=4, teacher_train_subset=None, student_arch="mobilenetv2",
                    student_epochs=3, student_train_subset=12_800, student_precision="bf16", batch_size=128,
-                   attack_steps=None, eval_n=1000, window_images=2560, window_precision="bf16", parity_n=256,
+                   attack_steps=None, val_n=1000, window_images=2560, window_precision="bf16", parity_n=256,
                    bench_precisions="fp32,bf16,fp16", bench_batches="1,64,256",
                    bench_timing=("--seconds", "1", "--warmup-seconds", "0.5"), verify_n=1000, autoattack_n=200)
 
@@ -139,7 +140,7 @@ class Settings:
         # AutoAttack is left out (autoattack_n=0): on a CPU it takes minutes on even a few images that survive.
         return cls(device="cpu", time_limit_s=600, budgets_s=budgets, teacher_arch="smallcnn", teacher_precision="fp32",
                    teacher_epochs=1, teacher_train_subset=64, student_arch="smallcnn", student_epochs=1,
-                   student_train_subset=64, student_precision="fp32", batch_size=32, attack_steps=2, eval_n=16,
+                   student_train_subset=64, student_precision="fp32", batch_size=32, attack_steps=2, val_n=32,
                    window_images=32, window_precision="fp32", parity_n=16, bench_precisions="fp32,bf16",
                    bench_batches="1,8", bench_timing=("--iters", "5", "--warmup", "1", "--warmup-seconds", "0"),
                    verify_n=16, autoattack_n=0, threads=threads, compile_for_real=False)
@@ -472,7 +473,7 @@ class GpuCheck:
         out = self.work / "teacher"
         args = ["distill", "--method", "sat", "--student", s.teacher_arch, "--attack-steps", "1",
                 "--step-size", "10/255", "--lr", "0.1", "--epochs", str(s.teacher_epochs),
-                "--batch-size", str(s.batch_size), "--eval-n", str(s.eval_n), "--precision", s.teacher_precision,
+                "--batch-size", str(s.batch_size), "--val-n", str(s.val_n), "--precision", s.teacher_precision,
                 "--device", s.device, *self.dataset_args, "--out", str(out), "--force"]
         if s.teacher_epochs > 1:
             args += ["--milestones", str(s.teacher_epochs)]  # the last epoch at lr x0.1
@@ -486,7 +487,7 @@ class GpuCheck:
         args = ["distill", "--preset", "fast", "--method", "rslad", "--student", s.student_arch,
                 "--teacher", str(self.teacher_checkpoint()), "--epochs", str(s.student_epochs),
                 "--train-subset", str(s.student_train_subset), "--batch-size", str(s.batch_size),
-                "--eval-n", str(s.eval_n), "--precision", s.student_precision, "--device", s.device,
+                "--val-n", str(s.val_n), "--precision", s.student_precision, "--device", s.device,
                 *self.dataset_args, "--out", str(out), "--force"]
         if s.attack_steps:
             args += ["--attack-steps", str(s.attack_steps)]
@@ -504,11 +505,12 @@ class GpuCheck:
             if evaluated:  # the checkpoint distill keeps: the best by PGD-20 (the first of equals)
                 best = max(evaluated, key=lambda e: e["robust_acc"])
                 phase.figures.update(selected_epoch=best["epoch"], clean_acc=best["clean_acc"],
-                                     pgd20_acc=best["robust_acc"], eval_n=self.settings.eval_n)
+                                     pgd20_acc=best["robust_acc"], val_n=self.settings.val_n)
             rates = ", ".join(f"{e['images_per_s']:,.0f}" for e in epochs)
             phase.summary = (f"{what}, {len(epochs)} epoch(s), img/s per epoch: {rates or '-'}"
                              + (f"; clean {phase.figures['clean_acc']:.1%} / PGD-20 {phase.figures['pgd20_acc']:.1%}"
-                                f" on {self.settings.eval_n:,} test images (epoch {phase.figures['selected_epoch']})"
+                                f" on {self.settings.val_n:,} held-out training images"
+                                f" (epoch {phase.figures['selected_epoch']})"
                                 if evaluated else ""))
         if checkpoint is None:
             raise PhaseFailed(f"distill finished without a checkpoint in {out}")
@@ -588,8 +590,9 @@ class GpuCheck:
         out = self.work / phase.name
         args = ["distill", "--preset", "fast", "--method", "rslad", "--student", s.student_arch,
                 "--teacher", str(self.teacher_checkpoint()), "--epochs", "2", "--train-subset", str(s.window_images),
-                "--batch-size", str(s.batch_size), "--eval-n", "0", "--precision", precision, "--device", s.device,
-                *self.dataset_args, "--out", str(out), "--force"] + (["--compile"] if compiled else [])
+                "--batch-size", str(s.batch_size), "--val-n", "0", "--select", "last", "--precision", precision,
+                "--device", s.device, *self.dataset_args, "--out", str(out), "--force",
+                *(["--compile"] if compiled else [])]
         if s.attack_steps:
             args += ["--attack-steps", str(s.attack_steps)]
         dynamo_disabled = compiled and not s.compile_for_real

@@ -1,8 +1,8 @@
 """The errors rslad-edge raises for things a user can fix.
 
-The CLI turns any :class:`RsladEdgeError` into one red line on stderr and exit code 1, so every message must say
-what is wrong (naming the file or flag at fault) and what to do about it. Anything else is a bug and keeps its
-traceback.
+The CLI turns any :class:`RsladEdgeError` into one red line on stderr and its ``exit_code`` (1; 2 for a
+:class:`UsageError`), so every message must say what is wrong (naming the file or flag at fault) and what to do
+about it. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ class ConfigError(RsladEdgeError):
     """An option or config value is invalid (bad eps, unknown name, inconsistent settings)."""
 
 
-class PipelineConfigError(ConfigError):
-    """A pipeline config section has an unknown key, a wrong type or an impossible value: a usage error, found
-    before any stage runs."""
+class UsageError(ConfigError):
+    """A flag's value that can never work (an unknown name, a size out of range): the CLI's usage-error path, exit 2,
+    as for a malformed option."""
 
     exit_code = 2
+
+
+class PipelineConfigError(UsageError):
+    """A pipeline config section has an unknown key, a wrong type or an impossible value, found before any stage
+    runs; the message names the section and the key."""
 
 
 class CheckpointError(RsladEdgeError):
@@ -62,9 +67,11 @@ class GateFailedError(RsladEdgeError):
     exit_code = 3
 
 
-def unknown_name_error(what: str, name: str, known: Iterable[str]) -> ConfigError:
+def unknown_name_error(
+    what: str, name: str, known: Iterable[str], error: type[ConfigError] = ConfigError
+) -> ConfigError:
     """One message for every registry lookup: ``unknown --method 'rsald'. Did you mean 'rslad'? Known: ...``."""
     known = list(known)
     close = difflib.get_close_matches(name.lower(), known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown {what} '{name}'.{hint} Known: {', '.join(known)}.")
+    return error(f"unknown {what} '{name}'.{hint} Known: {', '.join(known)}.")

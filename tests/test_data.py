@@ -20,6 +20,7 @@ from rslad_edge.data import (
     ImageSet,
     augment_batch,
     batches,
+    hold_out,
     imagefolder,
     load_dataset,
     subset,
@@ -322,3 +323,19 @@ def test_subset_is_a_fixed_seeded_sample_not_a_prefix(caplog):
     with caplog.at_level(logging.WARNING):
         assert subset(data, 500, seed=0) is data
     assert "only 200" in caplog.text
+
+
+def test_hold_out_splits_into_disjoint_parts_that_cover_the_set_the_same_way_for_the_same_seed():
+    data = _indexed_set(200)
+    rest, held_out, indices = hold_out(data, 30, seed=0)
+
+    rest_ids, held_ids = set(rest.images[:, 0, 0, 0].tolist()), set(held_out.images[:, 0, 0, 0].tolist())
+    assert len(held_out) == 30 and len(rest) == 170
+    assert not rest_ids & held_ids and rest_ids | held_ids == set(range(200))
+    assert held_out.images[:, 0, 0, 0].tolist() == indices.tolist() == np.random.default_rng(0).permutation(200)[
+        :30].tolist()
+    assert rest.images[:, 0, 0, 0].tolist() == sorted(rest_ids)  # the rest keep their order
+    assert torch.equal(hold_out(data, 30, seed=0).indices, indices)
+    assert not torch.equal(hold_out(data, 30, seed=1).indices, indices)
+    with pytest.raises(ConfigError, match="cannot hold out 200"):
+        hold_out(data, 200, seed=0)

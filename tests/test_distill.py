@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -14,21 +16,22 @@ from typer.testing import CliRunner
 
 from rslad_edge.cli import app
 from rslad_edge.distill.config import DistillConfig, resolve_config, resume_config
+from rslad_edge.distill.ddp import DistInfo
 from rslad_edge.distill.losses import rslad_loss
 from rslad_edge.distill.methods import METHODS
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.distill.trainer import TrainingInterrupted, train
-from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError
+from rslad_edge.distill.trainer import TrainingInterrupted, _build, train, train_step
+from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 
 runner = CliRunner()
 
 
 def tiny(tmp_path, **overrides) -> DistillConfig:
-    """A run of seconds: 96 synthetic images, smallcnn, 2-step attacks, fp32 on CPU."""
+    """A run of seconds: 96 synthetic images (32 more held out), smallcnn, 2-step attacks, fp32 on CPU."""
     values = dict(
         out=str(tmp_path / "run"), student="smallcnn", dataset="shapes", method="sat", epochs=2, batch_size=32,
-        lr=0.05, milestones=[2], train_subset=96, eval_n=32, attack_steps=2, eval_steps=2, precision="fp32",
+        lr=0.05, milestones=[2], train_subset=96, val_n=32, attack_steps=2, eval_steps=2, precision="fp32",
         device="cpu", preset="smoke",
     )
     values.update(overrides)
@@ -61,18 +64,54 @@ def test_rslad_loss_weights_adversarial_and_clean_terms_five_to_one():
     assert rslad_loss(near, near, teacher_logits) > 0
 
 
-def test_rslad_loss_is_batchmean_kl_so_the_trainer_scale_gives_the_authors_elementwise_mean():
-    teacher_logits, student_logits = torch.randn(16, 10), torch.randn(16, 10)
-    elementwise = torch.nn.functional.kl_div(
-        torch.log_softmax(student_logits, 1), torch.softmax(teacher_logits, 1), reduction="none"
-    ).mean()  # the authors' torch.mean over batch x classes
-    ours = rslad_loss(student_logits, student_logits, teacher_logits) * METHODS["rslad"].loss_scale(10)
-    assert ours == pytest.approx(elementwise.item(), rel=1e-5)
+def fixed_batch(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=generator), torch.randint(0, 10, (n,), generator=generator)
 
 
-def test_step_lr_follows_the_paper_milestones():
-    lrs = [step_lr(e, 0.1, [215, 260, 285]) for e in (1, 214, 215, 259, 260, 285, 300)]
-    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001])
+@pytest.mark.parametrize("method", ["rslad", "ard"])
+def test_authors_scale_at_ten_times_the_lr_and_a_tenth_of_the_weight_decay_steps_exactly_like_batchmean(
+    tmp_path, teacher_path, method
+):
+    # RSLAD's authors reduce its KL to batchmean / 10, ARD's to batchmean / C (C = 10 here): with SGD, momentum and
+    # coupled weight decay, scale s at lr η / wd λ is the unscaled loss at lr η·s / wd λ/s. Two steps, so that the
+    # momentum buffer takes part too.
+    def two_steps(loss_scale: str, lr: float, weight_decay: float) -> dict[str, torch.Tensor]:
+        cfg = tiny(tmp_path / loss_scale, method=method, teacher=str(teacher_path), loss_scale=loss_scale, lr=lr,
+                   weight_decay=weight_decay)
+        run = _build(cfg, DistInfo())
+        x, y = fixed_batch()
+        for step in range(2):
+            train_step(run, x, y, 1, torch.Generator().manual_seed(step))
+        return {k: v.clone() for k, v in run.student.state_dict().items()}
+
+    authors = two_steps("authors", lr=0.5, weight_decay=2e-5)
+    batchmean = two_steps("batchmean", lr=0.05, weight_decay=2e-4)
+    torch.manual_seed(0)  # as _build seeds (tiny() runs with seed 0): the initialisation both runs started from
+    initial = create_model("smallcnn").state_dict()
+    assert not torch.allclose(batchmean["linear.weight"], initial["linear.weight"])  # the steps did move it
+    for key in authors:
+        assert torch.allclose(authors[key].float(), batchmean[key].float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_loss_scale_choice_is_recorded_in_config_yaml_and_the_student_metadata(tmp_path, teacher_path):
+    student_path = train(tiny(tmp_path, method="rslad", teacher=str(teacher_path), epochs=1, loss_scale="batchmean"))
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loss_scale"] == "batchmean"
+    assert read_checkpoint(student_path)["meta"]["loss_scale"] == {"choice": "batchmean", "kl_factor": 1.0}
+    assert resolve_config("paper").loss_scale == "authors"
+
+
+def test_unknown_loss_scale_is_a_usage_error_naming_the_flag(tmp_path):
+    with pytest.raises(UsageError, match="--loss-scale 'batchman'. Did you mean 'batchmean'"):
+        resolve_config("paper", cli_values={"loss_scale": "batchman"})
+    result = runner.invoke(app, ["distill", "--preset", "smoke", "--loss-scale", "paper", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "--loss-scale" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_step_lr_milestone_is_the_first_epoch_at_the_lower_rate():
+    lrs = [step_lr(e, 0.1, [3, 5]) for e in range(1, 7)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -81,7 +120,7 @@ def test_step_lr_follows_the_paper_milestones():
 def test_paper_preset_is_the_authors_recipe():
     cfg = resolve_config("paper")
     assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == ("rslad", 300, 128, 0.1, 2e-4)
-    assert cfg.milestones == [215, 260, 285] and cfg.eps == pytest.approx(8 / 255)
+    assert cfg.eps == pytest.approx(8 / 255) and cfg.loss_scale == "authors"  # schedules: test_distill_reference
     assert (cfg.attack_steps, cfg.step_size) == (10, pytest.approx(2 / 255))
 
 
@@ -110,8 +149,25 @@ def test_bad_options_are_config_errors_naming_the_flag(overrides, match):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="paper, fast, smoke"):
+    with pytest.raises(ConfigError, match="paper, fast, cpu-30min, smoke"):
         resolve_config("papr")
+
+
+def test_cpu_30min_preset_is_the_paper_recipe_but_for_the_schedule_and_the_scale():
+    paper, cpu = resolve_config("paper").to_dict(), resolve_config("cpu-30min").to_dict()
+    differing = {key for key in paper if paper[key] != cpu[key]}
+    assert differing == {"epochs", "milestones", "train_subset", "val_n", "eval_n", "loss_scale", "preset"}
+    assert cpu["loss_scale"] == "batchmean" and cpu["student"] == "mobilenetv2"
+    lrs = [step_lr(epoch, cpu["lr"], cpu["milestones"]) for epoch in range(1, cpu["epochs"] + 1)]
+    assert lrs[-1] == pytest.approx(0.01) and lrs.count(0.1) / len(lrs) == pytest.approx(215 / 300, abs=0.1)
+    # Within 30 minutes at the ~20 img/s MobileNetV2 RSLAD ran at on the 2-core CPU, evaluation included.
+    assert cpu["epochs"] * cpu["train_subset"] / 20 <= 30 * 60
+
+
+def test_cpu_30min_preset_gives_rslad_sat_and_ard_the_same_images_steps_and_schedule():
+    configs = [resolve_config("cpu-30min", cli_values={"method": m}).to_dict() for m in ("rslad", "sat", "ard")]
+    for cfg in configs[1:]:
+        assert {key for key in cfg if cfg[key] != configs[0][key]} == {"method"}
 
 
 def test_cli_rejects_eps_given_as_8_with_a_hint():
@@ -123,13 +179,31 @@ def test_cli_rejects_eps_given_as_8_with_a_hint():
 # ------------------------------------------------------------------------------------------------ training
 
 
+# The total each method minimises, from the terms metrics.jsonl records (authors' defaults and scale, 10 classes).
+TOTAL_FROM_TERMS = {
+    "rslad": (lambda t: 0.1 * (5 / 6 * t["kl_adv"] + 1 / 6 * t["kl_clean"]), {"kl_adv", "kl_clean"}),
+    "ard": (lambda t: 0.1 * t["kl_adv"], {"kl_adv"}),
+    "iad": (lambda t: t["kl_adv"], {"kl_adv"}),  # introspection starts after epoch 60
+    "sat": (lambda t: t["ce_adv"], {"ce_adv"}),
+    "trades": (lambda t: t["ce_clean"] + 6 * t["kl_adv"], {"ce_clean", "kl_adv"}),
+    "kd": (lambda t: 0.9 * t["kl_clean"] + 0.1 * t["ce_clean"], {"kl_clean", "ce_clean"}),
+    "natural": (lambda t: t["ce_clean"], {"ce_clean"}),
+}
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_trains_an_epoch_and_writes_the_run_directory(tmp_path, teacher_path, method):
+def test_every_method_trains_an_epoch_and_records_what_its_loss_was_made_of(tmp_path, teacher_path, method):
     cfg = tiny(tmp_path, method=method, teacher=str(teacher_path), epochs=1)
     student_path = train(cfg)
     (line,) = metrics(tmp_path / "run")
-    assert set(line) == {"epoch", "train_loss", "clean_acc", "robust_acc", "lr", "images_per_s", "seconds"}
+    assert set(line) == {"epoch", "train_loss", "clean_acc", "robust_acc", "lr", "images_per_s", "seconds",
+                         "eval_split", "loss_terms", "train_robust_acc", "train_clean_acc"}
     assert math.isfinite(line["train_loss"]) and 0 <= line["robust_acc"] <= line["clean_acc"] <= 1
+    total, term_names = TOTAL_FROM_TERMS[method]
+    assert set(line["loss_terms"]) == term_names
+    assert line["train_loss"] == pytest.approx(total(line["loss_terms"]), rel=1e-4)
+    assert (line["train_robust_acc"] is not None) == (METHODS[method].attack_loss is not None)
+    assert (line["train_clean_acc"] is not None) == ("student_clean" in METHODS[method].needs)
     model, info = load_checkpoint(student_path)
     assert info["arch"] == "smallcnn" and info["meta"]["method"] == method
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists() and (tmp_path / "run" / "config.yaml").exists()
@@ -175,6 +249,24 @@ def test_resume_refuses_to_change_the_experiment(tmp_path):
         resume_config(tmp_path / "run", lr=0.5)
 
 
+def test_resume_refuses_to_change_the_held_out_split_the_selection_or_the_loss_scale(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(tiny(tmp_path).to_dict()))
+    for flag, value in [("val_n", 64), ("select", "last"), ("loss_scale", "batchmean")]:
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} cannot change when resuming"):
+            resume_config(run_dir, **{flag: value})
+
+
+def test_resuming_a_run_from_before_the_held_out_split_keeps_its_test_selection_and_scale(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old = {k: v for k, v in tiny(tmp_path, eval_n=32).to_dict().items() if k not in ("val_n", "select", "loss_scale")}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = resume_config(run_dir)
+    assert (cfg.val_n, cfg.select, cfg.loss_scale) == (0, "test", "authors")  # what that run did
+
+
 class InterruptAt:
     """An observer that presses Ctrl-C after a given number of batches."""
 
@@ -205,6 +297,10 @@ def test_interrupt_mid_epoch_saves_and_resume_gives_the_same_student_as_an_unint
     a, b = read_checkpoint(straight)["state_dict"], read_checkpoint(resumed)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [m["epoch"] for m in metrics(tmp_path / "b" / "run")] == [1, 2]
+    # The interrupted epoch's sums were saved and restored: its record matches the uninterrupted run's.
+    a_epoch2, b_epoch2 = metrics(tmp_path / "a" / "run")[1], metrics(tmp_path / "b" / "run")[1]
+    assert b_epoch2["loss_terms"] == pytest.approx(a_epoch2["loss_terms"], rel=1e-6)
+    assert b_epoch2["train_robust_acc"] == a_epoch2["train_robust_acc"]
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
@@ -219,8 +315,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     real_step = trainer.train_step
 
     def diverging_step(run, x, y, epoch, generator):
-        loss = real_step(run, x, y, epoch, generator)
-        return float("nan") if epoch == 2 else loss
+        step = real_step(run, x, y, epoch, generator)
+        return dataclasses.replace(step, loss=float("nan")) if epoch == 2 else step
 
     monkeypatch.setattr(trainer, "train_step", diverging_step)
     with pytest.raises(TrainingDivergedError, match="last good state"):
@@ -244,7 +340,7 @@ def test_teacher_of_another_architecture_names_the_keys(tmp_path):
 
 def test_batch_size_larger_than_the_training_set_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="larger than the training set"):
-        train(tiny(tmp_path, batch_size=512))
+        train(tiny(tmp_path, batch_size=512, val_n=512))
 
 
 def test_teacher_methods_need_a_teacher_outside_the_smoke_preset(tmp_path):
@@ -252,10 +348,88 @@ def test_teacher_methods_need_a_teacher_outside_the_smoke_preset(tmp_path):
         train(tiny(tmp_path, method="rslad", preset="paper"))
 
 
+# ------------------------------------------------------------------------------------------------ model selection
+
+
+def _write_train_only_folder(root, classes=3, per_class=24):
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label in range(classes):
+        folder = root / "train" / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(32, 32, 3, generator=generator) * 80 + 80 * label).to(torch.uint8)
+            Image.fromarray(pixels.numpy()).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_distill_never_reads_the_test_split_a_train_only_folder_trains_and_selects_a_best_checkpoint(
+    tmp_path, monkeypatch
+):
+    from rslad_edge.distill import trainer
+
+    monkeypatch.setenv("RSLAD_EDGE_CACHE", str(tmp_path / "cache"))
+    root = _write_train_only_folder(tmp_path / "data")  # no test/ folder at all
+    splits = []
+    real_load = trainer.load_dataset
+    monkeypatch.setattr(trainer, "load_dataset", lambda *a, **k: splits.append(a[2]) or real_load(*a, **k))
+    cfg = tiny(tmp_path, dataset="imagefolder", data_root=str(root), train_subset=None, val_n=16, batch_size=16)
+    student_path = train(cfg)
+
+    assert splits == ["train"]
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert [m["eval_split"] for m in metrics(tmp_path / "run")] == ["val", "val"]
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert (selection["select"], selection["split"], selection["n"], selection["seed"]) == ("val", "val", 16, 0)
+
+
+def test_held_out_images_are_the_seeded_split_recorded_in_the_student_and_never_trained_on(tmp_path):
+    from rslad_edge.data import hold_out, load_dataset
+
+    student_path = train(tiny(tmp_path, epochs=1, train_subset=None, val_n=64, seed=3))
+    full = load_dataset("shapes", split="train", seed=3)
+    rest, held_out, indices = hold_out(full, 64, seed=3)
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert selection["indices_sha256"] == hashlib.sha256(indices.numpy().tobytes()).hexdigest()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["val_n"] == 64
+    run = _build(tiny(tmp_path, train_subset=None, val_n=64, seed=3), DistInfo())
+    assert len(run.train_set) == len(full) - 64 and torch.equal(run.train_set.images, rest.images)
+    assert torch.equal(run.eval_y, held_out.labels) and run.eval_split == "val"
+
+
+def test_selecting_on_the_test_split_is_explicit_trains_on_everything_and_says_so(tmp_path):
+    cfg = resolve_config("smoke", cli_values={"select": "test"})
+    assert cfg.val_n == 0  # the paper's protocol: the whole training set, selection on the test split
+    student_path = train(tiny(tmp_path, epochs=1, select="test", val_n=0, eval_n=32))
+    selection = read_checkpoint(student_path)["meta"]["selection"]
+    assert selection["split"] == "test" and "not a held-out estimate" in selection["note"]
+    assert metrics(tmp_path / "run")[0]["eval_split"] == "test"
+
+
+def test_select_last_keeps_the_last_epoch_and_writes_no_best_checkpoint(tmp_path):
+    student_path = train(tiny(tmp_path, epochs=2, select="last"))
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert read_checkpoint(student_path)["meta"]["epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [(["--val-n", "0"], "--val-n 0"), (["--val-n", "8"], "smaller than one batch"),
+     (["--val-n", "6000"], "--val-n 6000"), (["--select", "best"], "--select"),
+     (["--select", "test", "--val-n", "64"], "--val-n 64 with --select test")],
+)
+def test_bad_selection_options_exit_2_with_one_line_naming_the_flag_and_write_nothing(tmp_path, args, flag):
+    result = runner.invoke(app, ["distill", *TINY_ARGS, *args, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert flag in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------------ processes
 
 TINY_ARGS = ["--preset", "smoke", "--method", "sat", "--student", "smallcnn", "--train-subset", "128", "--batch-size",
-             "32", "--eval-n", "64", "--attack-steps", "2", "--precision", "fp32", "--device", "cpu"]
+             "32", "--val-n", "64", "--attack-steps", "2", "--precision", "fp32", "--device", "cpu"]
 
 
 def _cli(*args):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -98,3 +99,30 @@ def subset(data: ImageSet, n: int | None, seed: int) -> ImageSet:
     index = torch.from_numpy(np.random.default_rng(seed).permutation(len(data))[:n])
     index = index.to(data.images.device)
     return ImageSet(images=data.images[index], labels=data.labels[index], classes=list(data.classes), name=data.name)
+
+
+class HeldOut(NamedTuple):
+    """``data`` split in two by :func:`hold_out`."""
+
+    rest: ImageSet  # everything else, in the original order
+    held_out: ImageSet
+    indices: torch.Tensor  # (n,) int64: the held-out images' positions in the original set
+
+
+def hold_out(data: ImageSet, n: int, seed: int) -> HeldOut:
+    """Take ``n`` images out of ``data`` by a seeded permutation (a validation split of a training set).
+
+    The held-out images are the first ``n`` of ``numpy.random.default_rng(seed).permutation(len(data))``; the rest keep
+    their order. The same data, ``n`` and ``seed`` give the same split on every machine and in every process.
+    """
+    if not 1 <= n < len(data):
+        raise ConfigError(f"cannot hold out {n} of the {len(data)} images of {data.name}: need 1 <= n < {len(data)}")
+    permutation = torch.from_numpy(np.random.default_rng(seed).permutation(len(data)))
+    held = permutation[:n].to(data.images.device)
+    keep = torch.ones(len(data), dtype=torch.bool, device=data.images.device)
+    keep[held] = False
+
+    def take(index: torch.Tensor, name: str) -> ImageSet:
+        return ImageSet(images=data.images[index], labels=data.labels[index], classes=list(data.classes), name=name)
+
+    return HeldOut(take(keep, data.name), take(held, f"{data.name} (held out)"), held.cpu())

@@ -58,8 +58,14 @@ def distill(
     batch_size: Annotated[int | None, typer.Option(help="Global batch size. [default: 128]")] = None,
     lr: Annotated[float | None, typer.Option(help="SGD learning rate. [default: 0.1]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="[default: 2e-4]")] = None,
+    loss_scale: Annotated[str | None, typer.Option(
+        help="authors: RSLAD's and ARD's KL as their code reduces it (batchmean / 10, batchmean / classes), at which "
+        "the paper's lr was tuned; batchmean: the scale of a cross-entropy. A loss scaled by s at lr η, weight "
+        "decay λ steps exactly as the unscaled loss at lr η·s, weight decay λ/s (SGD, momentum). "
+        "[default: authors; batchmean in the short presets]")] = None,
     milestones: Annotated[str | None, typer.Option(
-        help="Epochs at which lr is multiplied by 0.1. [default: 215,260,285]")] = None,
+        help="First epochs at a 10x lower lr. [default: 216,261,286: RSLAD's code lowers it after epochs 215, 260, "
+        "285; ARD/IAD 101 (of 200), TRADES 75 (of 76), as their code runs]")] = None,
     eps: Annotated[str | None, typer.Option(help="L-inf radius in pixel units: 8/255, not 8. [default: 8/255]")] = None,
     step_size: Annotated[str | None, typer.Option(help="Attack step size. [default: 2/255]")] = None,
     attack_steps: Annotated[int | None, typer.Option(help="PGD steps of the training attack. [default: 10]")] = None,
@@ -67,8 +73,15 @@ def distill(
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature (ARD 30, IAD 1, KD 4).")] = None,
     beta: Annotated[float | None, typer.Option(help="TRADES beta (6) / IAD beta (0.1).")] = None,
     train_subset: Annotated[int | None, typer.Option(help="Train on a fixed seeded sample of N images.")] = None,
+    val_n: Annotated[int | None, typer.Option(
+        help="Training images held out (seeded, never trained on) for the per-epoch clean / PGD-20 check that "
+        "chooses student.pt. [default: 1000]")] = None,
+    select: Annotated[str | None, typer.Option(
+        help="Which epoch becomes student.pt: val (best PGD-20 on the --val-n held-out images), last, or test (best "
+        "on --eval-n test images, trained on the whole training set: the paper's 'best checkpoint' row, selected on "
+        "the test split and recorded as such). [default: val]")] = None,
     eval_n: Annotated[int | None, typer.Option(
-        help="Test images for the per-epoch clean / PGD-20 check (0: none). [default: 1000]")] = None,
+        help="Test images for the per-epoch check under --select test. [default: 1000]")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every K epochs (and the last). [default: 1]")] = None,
     precision: Annotated[str | None, typer.Option(
         help="auto (bf16 + channels_last on CPUs with AVX-512 BF16 / AMX, AMP on CUDA, else fp32), fp32, bf16, fp16."
@@ -106,17 +119,17 @@ def distill(
             name: value for name, value in dict(
                 student=student, teacher=teacher, method=method, dataset=dataset, lr=lr, batch_size=batch_size,
                 preset=preset, precision=precision, eps=_eps(eps), seed=seed, train_subset=train_subset,
-                attack_steps=attack_steps,
+                attack_steps=attack_steps, loss_scale=loss_scale, val_n=val_n, select=select,
             ).items() if value is not None})
         _run(cfg, resume=True, force=False)
         return
     cli_values = dict(
         student=student, teacher=teacher, teacher_arch=teacher_arch, num_classes=num_classes, method=method,
         dataset=dataset, data_root=data_root, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, milestones=_milestones(milestones), eps=_eps(eps), step_size=_eps(step_size),
-        attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta, train_subset=train_subset,
-        eval_n=eval_n, eval_every=eval_every, precision=precision, device=device, compile=compile, sync_bn=sync_bn,
-        seed=seed, preset=preset,
+        weight_decay=weight_decay, loss_scale=loss_scale, milestones=_milestones(milestones), eps=_eps(eps),
+        step_size=_eps(step_size), attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta,
+        train_subset=train_subset, val_n=val_n, select=select, eval_n=eval_n, eval_every=eval_every,
+        precision=precision, device=device, compile=compile, sync_bn=sync_bn, seed=seed, preset=preset,
     )
     cfg = resolve_config(preset, load_yaml(config) if config else None, cli_values)
     _run(cfg, resume=False, force=force)

@@ -97,9 +97,9 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
             torch_dist.broadcast(buffer.data, src=0)
 
 
-def mean_scalar(value: torch.Tensor, info: DistInfo) -> float:
+def sum_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The elementwise sum of ``values`` (same shape on every rank) over the ranks; ``values`` itself alone."""
     if info.world_size > 1:
-        value = value.float().clone()
-        torch_dist.all_reduce(value)
-        value /= info.world_size
-    return float(value)
+        values = values.clone()
+        torch_dist.all_reduce(values)
+    return values

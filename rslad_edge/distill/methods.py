@@ -27,7 +27,7 @@ class StepLogits:
     teacher_adv: torch.Tensor | None = None
 
 
-LossFn = Callable[[StepLogits, dict[str, float], int], torch.Tensor]
+LossFn = Callable[[StepLogits, dict[str, float], int, float], losses.LossTerms]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Method:
     name: str
     summary: str
     needs_teacher: bool
-    loss: LossFn  # (logits, hyperparameters, epoch) -> scalar
+    loss: LossFn  # (logits, hyperparameters, 1-based epoch, kl_scale) -> the total and its named terms
     # Inner maximisation: None for methods without adversarial examples (natural, kd).
     attack_loss: str | None = None  # "ce" (vs labels) or "kl" (vs the clean soft labels below)
     attack_target: str | None = None  # "teacher": T(x) probabilities; "self": the student's own f(x)
@@ -43,43 +43,52 @@ class Method:
     attack_bn_mode: str = "eval"  # the student's BN mode while crafting x', as in the authors' code
     needs: frozenset[str] = frozenset()  # forwards besides the attack: student_adv, student_clean, teacher_adv
     hyperparameters: dict[str, float] = field(default_factory=dict)  # authors' defaults; --alpha etc. override
-    # num_classes -> factor restoring the authors' KL reduction, at which their lr and weight decay were tuned.
-    loss_scale: Callable[[int], float] = lambda num_classes: 1.0
-    paper_overrides: dict[str, Any] = field(default_factory=dict)  # schedule of the authors' own recipe
+    # num_classes -> the factor by which the authors' code scales this method's KL term(s) relative to batchmean
+    # (their lr and weight decay were tuned at that scale); applied under --loss-scale authors (kl_scale_factor).
+    authors_kl_scale: Callable[[int], float] = lambda num_classes: 1.0
+    # The method's own recipe under --preset paper, as its authors' code runs it (README: "Schedules").
+    paper_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.rslad_loss(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"])
+def _rslad(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.rslad_terms(logits.student_adv, logits.student_clean, logits.teacher_clean, alpha=hp["alpha"],
+                              kl_scale=kl_scale)
 
 
-def _ard(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.ard_loss(
-        logits.student_adv, logits.teacher_clean, logits.student_clean, logits.labels, hp["alpha"], hp["temperature"]
+def _ard(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.ard_terms(
+        logits.student_adv, logits.teacher_clean, logits.student_clean, logits.labels, hp["alpha"], hp["temperature"],
+        kl_scale=kl_scale,
     )
 
 
-def _iad(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.iad_loss(
+# The methods below have no KL whose authors' reduction differs from batchmean: kl_scale is always 1 for them.
+
+
+def _iad(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.iad_terms(
         logits.student_adv, logits.student_clean, logits.teacher_clean, logits.teacher_adv, logits.labels,
         # epoch is 1-based here; the authors test their 0-based epoch >= begin.
         introspect=epoch > hp["begin"], alpha=hp["alpha"], temperature=hp["temperature"], beta=hp["beta"],
     )
 
 
-def _sat(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.cross_entropy(logits.student_adv, logits.labels)
+def _sat(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    ce_adv = losses.cross_entropy(logits.student_adv, logits.labels)
+    return losses.LossTerms(ce_adv, {"ce_adv": ce_adv})
 
 
-def _trades(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.trades_loss(logits.student_adv, logits.student_clean, logits.labels, beta=hp["beta"])
+def _trades(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.trades_terms(logits.student_adv, logits.student_clean, logits.labels, beta=hp["beta"])
 
 
-def _kd(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.kd_loss(logits.student_clean, logits.teacher_clean, logits.labels, hp["alpha"], hp["temperature"])
+def _kd(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    return losses.kd_terms(logits.student_clean, logits.teacher_clean, logits.labels, hp["alpha"], hp["temperature"])
 
 
-def _natural(logits: StepLogits, hp: dict[str, float], epoch: int) -> torch.Tensor:
-    return losses.cross_entropy(logits.student_clean, logits.labels)
+def _natural(logits: StepLogits, hp: dict[str, float], epoch: int, kl_scale: float) -> losses.LossTerms:
+    ce_clean = losses.cross_entropy(logits.student_clean, logits.labels)
+    return losses.LossTerms(ce_clean, {"ce_clean": ce_clean})
 
 
 METHODS: dict[str, Method] = {
@@ -92,23 +101,26 @@ METHODS: dict[str, Method] = {
             hyperparameters={"alpha": 5 / 6},
             # The authors average the elementwise KL over batch x classes: batchmean / 10 on CIFAR-10, and multiply
             # by 10 on CIFAR-100 (elementwise mean over 100 classes x 10): batchmean / 10 in both cases.
-            loss_scale=lambda num_classes: 0.1,
+            authors_kl_scale=lambda num_classes: 0.1,
         ),
         Method(
             "ard", "ARD: tempered KL to the teacher on PGD examples (Goldblum et al., AAAI 2020)",
             needs_teacher=True, loss=_ard, attack_loss="ce", random_start="uniform", attack_bn_mode="train",
             needs=frozenset({"student_adv", "student_clean"}),
             hyperparameters={"alpha": 1.0, "temperature": 30.0},
-            # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C.
-            loss_scale=lambda num_classes: 1.0 / num_classes,
-            paper_overrides={"epochs": 200, "milestones": [100, 150]},
+            # 200 epochs, "lr x0.1 at 100 and 150" in 0-based epochs; adjust_learning_rate scales a local copy of the
+            # initial lr, so 150 sets 0.01 again: 0.1 for 1-based epochs 1-100, 0.01 from 101 to the end.
+            paper_overrides={"epochs": 200, "milestones": [101]},
+            # nn.KLDivLoss() in the authors' code averages over batch x classes: batchmean / C (their CE is a plain
+            # batch mean, unscaled).
+            authors_kl_scale=lambda num_classes: 1.0 / num_classes,
         ),
         Method(
             "iad", "IAD-I: ARD plus introspection where the teacher is unreliable (Zhu et al., ICLR 2022)",
             needs_teacher=True, loss=_iad, attack_loss="ce", random_start="uniform", attack_bn_mode="train",
             needs=frozenset({"student_adv", "student_clean", "teacher_adv"}),
             hyperparameters={"alpha": 1.0, "temperature": 1.0, "beta": 0.1, "begin": 60},
-            paper_overrides={"epochs": 200, "milestones": [100, 150]},
+            paper_overrides={"epochs": 200, "milestones": [101]},  # ARD's code, and its schedule, as ARD above
         ),
         Method(
             "sat", "SAT: Madry PGD adversarial training with cross-entropy", needs_teacher=False, loss=_sat,
@@ -118,6 +130,7 @@ METHODS: dict[str, Method] = {
             "trades", "TRADES: CE on clean + beta x KL(f(x) || f(x')) (Zhang et al., ICML 2019)", needs_teacher=False,
             loss=_trades, attack_loss="kl", attack_target="self", random_start="normal", attack_bn_mode="eval",
             needs=frozenset({"student_adv", "student_clean"}), hyperparameters={"beta": 6.0},
+            # train_trades_cifar10.py: 1-based epochs, lr x0.1 from epoch 75; 76 epochs for CIFAR-10.
             paper_overrides={"step_size": 0.007, "epochs": 76, "milestones": [75]},
         ),
         Method(
@@ -130,6 +143,12 @@ METHODS: dict[str, Method] = {
         ),
     ]
 }
+
+
+def kl_scale_factor(method: Method, loss_scale: str, num_classes: int) -> float:
+    """The factor on the method's KL term(s): the authors' under ``--loss-scale authors``, 1 under ``batchmean``.
+    Only RSLAD (1/10, both terms) and ARD (1/C, its KL term) differ between the two."""
+    return method.authors_kl_scale(num_classes) if loss_scale == "authors" else 1.0
 
 
 def get_method(name: str) -> Method:

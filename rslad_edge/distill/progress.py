@@ -33,11 +33,11 @@ class RichObserver:
         self.progress.update(self.task, advance=1, loss=loss, ips=images_per_s)
 
     def evaluating(self, n: int) -> None:
-        self.progress.update(self.task, description=f"evaluating on {n} test images (clean, PGD)")
+        self.progress.update(self.task, description=f"evaluating on {n} images (clean, PGD-20)")
 
     def epoch_done(self, m: dict[str, Any]) -> None:
-        acc = (f"clean {m['clean_acc']:6.1%}  PGD {m['robust_acc']:6.1%}" if m["clean_acc"] is not None
-               else "(not evaluated)")
+        acc = (f"{m.get('eval_split') or ''} clean {m['clean_acc']:6.1%}  PGD {m['robust_acc']:6.1%}"
+               if m["clean_acc"] is not None else "(not evaluated)")
         self.progress.console.print(
             f"epoch {m['epoch']:>3}/{self.epochs}  loss {m['train_loss']:.4f}  {acc}  lr {m['lr']:.4g}  "
             f"{m['images_per_s']:.0f} img/s  {m['seconds']:.0f} s", highlight=False,

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 TEACHER_DIR = "teacher"
 TEACHER_SHARES = ("seed", "device", "precision", "dataset", "data_root", "epochs", "milestones", "batch_size",
-                  "train_subset", "eval_n", "eval_every", "attack_steps", "step_size", "eps")
+                  "train_subset", "val_n", "select", "eval_n", "eval_every", "attack_steps", "step_size", "eps")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Per batch: the teacher's logits on the clean augmented batch (once, no grad); the method's attack crafts x' with the
 student in its authors' BN mode; the student, back in train mode, is updated on the method's outer loss. Per epoch:
-clean and PGD-20 accuracy of the student on a fixed test sample, one JSON line in ``metrics.jsonl``, ``last.pt`` and
+clean and PGD-20 accuracy of the student on a seeded split held out of the training set (never the test split,
+unless ``--select test`` asks for the paper's protocol), one JSON line in ``metrics.jsonl``, ``last.pt`` and
 ``best.pt``. All randomness comes from generators seeded by (seed, epoch, batch), so a resumed run replays the same
 batches, including after an interruption in the middle of an epoch.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -28,14 +30,15 @@ import yaml
 from torch import nn
 
 from rslad_edge import __version__
-from rslad_edge.attacks import get_attack, pgd, robust_correct
-from rslad_edge.data import ImageSet, augment_batch, load_dataset, subset, to_float
+from rslad_edge.attacks import get_attack, robust_correct
+from rslad_edge.data import ImageSet, augment_batch, hold_out, load_dataset, subset, to_float
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import DistillConfig
-from rslad_edge.distill.methods import Method, StepLogits, get_method
+from rslad_edge.distill.inner_max import training_attack
+from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_factor
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError
+from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.io import atomic_write, sha256_file
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from rslad_edge.models.folding import BatchNormFoldedView, fold_batchnorm
@@ -77,14 +80,15 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     train_set: ImageSet
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
+    eval_split: str | None  # what the per-epoch check runs on: "val" (held-out training images), "test", or None
+    eval_x: torch.Tensor | None  # (N, 3, H, W) float in [0, 1]
+    eval_y: torch.Tensor | None
     num_classes: int
     dist: ddp.DistInfo
-    loss_scale: float
+    kl_scale: float  # the factor on the method's KL term(s) that --loss-scale chose (0.1 for RSLAD's authors')
     meta: dict[str, Any]
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics of the finished epochs
-    progress: dict[str, float] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
+    progress: dict[str, Any] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
 
 
 def train(
@@ -141,7 +145,7 @@ def train(
 
 
 def _run_epoch(
-    run: _Run, out: Path, epoch: int, start_batch: int, partial: dict[str, float] | None, best_robust: float,
+    run: _Run, out: Path, epoch: int, start_batch: int, partial: dict[str, Any] | None, best_robust: float,
     observer: TrainObserver | None,
 ) -> float:
     """Train, evaluate (rank 0) and checkpoint one epoch; returns the best robust accuracy so far."""
@@ -150,16 +154,18 @@ def _run_epoch(
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     started = time.perf_counter()
-    train_loss, images = _train_epoch(run, epoch, start_batch, partial, observer)
+    train_loss, images, loss_made_of = _train_epoch(run, epoch, start_batch, partial, observer)
     train_seconds = time.perf_counter() - started
     ddp.broadcast_buffers(run.student, dist)  # BN running stats: rank 0's, everywhere
 
     metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "clean_acc": None, "robust_acc": None,
-                               "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None}
-    if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and cfg.eval_n > 0:
+                               "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None,
+                               "eval_split": None, **loss_made_of}
+    if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and run.eval_split is not None:
         if observer:
             observer.evaluating(len(run.eval_y))
         metrics["clean_acc"], metrics["robust_acc"] = evaluate(run.student, run.eval_x, run.eval_y, cfg, run.device)
+        metrics["eval_split"] = run.eval_split
     metrics["seconds"] = time.perf_counter() - started
     if dist.is_main:
         best_robust = _save_epoch(run, out, epoch, metrics, best_robust)
@@ -194,8 +200,8 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     torch.manual_seed(cfg.seed)
 
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", seed=cfg.seed)
+    train_set, eval_set, selection = _evaluation_split(cfg, train_set)
     train_set = subset(train_set, cfg.train_subset, seed=cfg.seed)
-    test_set = subset(load_dataset(cfg.dataset, cfg.data_root, "test", seed=cfg.seed), max(cfg.eval_n, 1), cfg.seed)
     num_classes = cfg.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
         raise ConfigError(f"--num-classes {num_classes} but dataset '{cfg.dataset}' has {train_set.num_classes}")
@@ -233,15 +239,48 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
                 raise ConfigError(f"--{name} has no meaning for --method {cfg.method}")
             hyperparameters[name] = getattr(cfg, name)
     meta["hyperparameters"] = hyperparameters
+    meta["selection"] = selection
+    kl_scale = kl_scale_factor(method, cfg.loss_scale, num_classes)
+    meta["loss_scale"] = {"choice": cfg.loss_scale, "kl_factor": kl_scale}
     meta["config"] = cfg.to_dict()
     meta["rslad_edge_version"] = __version__
     return _Run(
         cfg=cfg, method=method, hyperparameters=hyperparameters, device=device, precision=precision, student=student,
         student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
-        train_set=train_set,
-        eval_x=to_float(test_set.images), eval_y=test_set.labels, num_classes=num_classes, dist=dist,
-        loss_scale=method.loss_scale(num_classes), meta=meta,
+        train_set=train_set, eval_split=selection["split"],
+        eval_x=None if eval_set is None else to_float(eval_set.images),
+        eval_y=None if eval_set is None else eval_set.labels, num_classes=num_classes, dist=dist,
+        kl_scale=kl_scale, meta=meta,
     )
+
+
+def _evaluation_split(cfg: DistillConfig, train_set: ImageSet) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
+    """(the images to train on, the images of the per-epoch check, how student.pt is chosen, for the record).
+
+    The held-out images come out of the training set before --train-subset samples it, so runs with different
+    subsets, methods or seeds of training select on the same images. The test split is read only for --select test.
+    """
+    selection: dict[str, Any] = {
+        "select": cfg.select, "split": None, "n": 0,
+        "rule": "last epoch" if cfg.select == "last" else "best PGD-20 robust accuracy",
+    }
+    if cfg.select == "test":
+        test_set = subset(load_dataset(cfg.dataset, cfg.data_root, "test", seed=cfg.seed), cfg.eval_n, cfg.seed)
+        selection.update(split="test", n=len(test_set), seed=cfg.seed,
+                         note="selected on the test split, as the paper's 'best checkpoint' row: not a held-out "
+                              "estimate of the student's accuracy")
+        return train_set, test_set, selection
+    if cfg.val_n == 0:
+        return train_set, None, selection
+    if cfg.val_n + cfg.batch_size > len(train_set):
+        raise UsageError(
+            f"--val-n {cfg.val_n}: the training set has {len(train_set)} images, so holding out {cfg.val_n} leaves "
+            f"less than one batch (--batch-size {cfg.batch_size}) to train on; lower --val-n"
+        )
+    rest, held_out, indices = hold_out(train_set, cfg.val_n, seed=cfg.seed)
+    selection.update(split="val", n=cfg.val_n, seed=cfg.seed, source="training set",
+                     indices_sha256=hashlib.sha256(indices.numpy().tobytes()).hexdigest())
+    return rest, held_out, selection
 
 
 def _load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device, precision: Precision) -> nn.Module:
@@ -288,16 +327,18 @@ def _num_batches(run: _Run) -> int:
 
 
 def _train_epoch(
-    run: _Run, epoch: int, start_batch: int, partial: dict[str, float] | None, observer: TrainObserver | None
-) -> tuple[float, int]:
-    """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks)."""
+    run: _Run, epoch: int, start_batch: int, partial: dict[str, Any] | None, observer: TrainObserver | None
+) -> tuple[float, int, dict[str, Any]]:
+    """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks, what the loss was
+    made of: the method's terms and the train-mode accuracies on x' and x, averaged over the epoch's images)."""
     cfg, dist = run.cfg, run.dist
     images, labels = run.train_set.to_device(run.device)
     order = _epoch_order(run, epoch)
     num_batches = _num_batches(run)
     loss_sum = partial["loss_sum"] if partial else 0.0
     seen = int(partial["seen"]) if partial else 0
-    run.progress = {"batch": start_batch, "loss_sum": loss_sum, "seen": seen}
+    sums: dict[str, float] = dict(partial.get("sums", {})) if partial else {}  # image-weighted, all ranks
+    run.progress = {"batch": start_batch, "loss_sum": loss_sum, "seen": seen, "sums": sums}
     if observer:
         observer.epoch_started(epoch, cfg.epochs, num_batches, start_batch)
     epoch_images = 0
@@ -310,25 +351,85 @@ def _train_epoch(
         if run.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         step_started = time.perf_counter()
-        loss = train_step(run, x, y, epoch, generator)
-        if not math.isfinite(loss):
+        step = train_step(run, x, y, epoch, generator)
+        if not math.isfinite(step.loss):
             raise TrainingDivergedError(
-                f"the training loss became {loss} at epoch {epoch}, batch {batch + 1}; training stopped. The last "
-                f"good state is {Path(cfg.out) / 'checkpoints' / 'last.pt'}. Try a lower --lr or --precision fp32."
+                f"the training loss became {step.loss} at epoch {epoch}, batch {batch + 1}; training stopped. The "
+                f"last good state is {Path(cfg.out) / 'checkpoints' / 'last.pt'}. Try a lower --lr or --precision "
+                "fp32."
             )
         batch_images = len(index) * dist.world_size
-        loss_sum += loss * batch_images
+        loss_sum += step.loss * batch_images
         seen += batch_images
         epoch_images += batch_images
-        run.progress = {"batch": batch + 1, "loss_sum": loss_sum, "seen": seen}
+        for name, value in step.terms.items():
+            sums[name] = sums.get(name, 0.0) + value * batch_images
+        for name, correct in [("adv_correct", step.adv_correct), ("clean_correct", step.clean_correct)]:
+            if correct is not None:
+                sums[name] = sums.get(name, 0.0) + correct
+        run.progress = {"batch": batch + 1, "loss_sum": loss_sum, "seen": seen, "sums": sums}
         if observer:
-            observer.batch_done(loss, batch_images / (time.perf_counter() - step_started))
-    return loss_sum / max(seen, 1), epoch_images
+            observer.batch_done(step.loss, batch_images / (time.perf_counter() - step_started))
+    return loss_sum / max(seen, 1), epoch_images, _epoch_summary(sums, seen)
 
 
-def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generator: torch.Generator) -> float:
-    """One optimisation step of the method on the batch ``(x, y)``; returns the loss as a float (all ranks' mean)."""
-    method, cfg, student = run.method, run.cfg, run.student
+_CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}  # sums -> metric keys
+
+
+def _epoch_summary(sums: dict[str, float], seen: int) -> dict[str, Any]:
+    """Per-image means of an epoch's sums: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the train-mode student
+    on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that forward it)."""
+    seen = max(seen, 1)
+    summary: dict[str, Any] = {
+        "loss_terms": {name: value / seen for name, value in sums.items() if name not in _CORRECT_COUNTS},
+        "train_robust_acc": None, "train_clean_acc": None,
+    }
+    for name, key in _CORRECT_COUNTS.items():
+        if name in sums:
+            summary[key] = sums[name] / seen
+    return summary
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimisation step reports, over the global batch (all ranks)."""
+
+    loss: float  # the loss the optimiser minimised (at the chosen --loss-scale), mean over ranks
+    terms: dict[str, float]  # the method's loss terms, unweighted and unscaled, mean over ranks
+    adv_correct: int | None  # images the train-mode student classifies right on x' (None: no x')
+    clean_correct: int | None  # ... on x (None: the method does not forward x)
+
+
+def craft_adversarial(
+    run: _Run, x: torch.Tensor, y: torch.Tensor, teacher_clean: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """The method's inner maximisation: x' for the batch, with the student in its authors' BN mode during the attack
+    (eval: the BN-folded view, running statistics untouched; train: batch statistics, running statistics updated
+    by every attack forward, as in ARD's and Madry's code), the random start unclamped as in their training loops
+    (``inner_max.py``). Leaves the student in that mode."""
+    method, cfg = run.method, run.cfg
+    autocast = run.precision.autocast(run.device)
+    run.student.train(method.attack_bn_mode == "train")
+    if run.folded is not None:
+        run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
+    target_probs = None
+    if method.attack_loss == "kl":
+        if method.attack_target == "teacher":
+            target_probs = F.softmax(teacher_clean, dim=1)
+        else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
+            with torch.no_grad(), autocast:
+                target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
+    with autocast:
+        return training_attack(
+            run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
+            generator=generator,
+        )
+
+
+def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generator: torch.Generator) -> StepResult:
+    """One optimisation step of the method on the batch ``(x, y)`` (this rank's shard)."""
+    method, student = run.method, run.student
     autocast = run.precision.autocast(run.device)
 
     teacher_clean = None
@@ -336,24 +437,7 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
         with torch.inference_mode(), autocast:
             teacher_clean = run.teacher(x).float().clone()  # (B, C); clone leaves inference mode for autograd
 
-    x_adv = None
-    if method.attack_loss is not None:
-        target_probs = None
-        student.train(method.attack_bn_mode == "train")
-        if run.folded is not None:
-            run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
-        if method.attack_loss == "kl":
-            if method.attack_target == "teacher":
-                target_probs = F.softmax(teacher_clean, dim=1)
-            else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
-                with torch.no_grad(), autocast:
-                    target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
-        with autocast:
-            x_adv = pgd(
-                run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
-                loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
-                generator=generator,
-            )
+    x_adv = craft_adversarial(run, x, y, teacher_clean, generator) if method.attack_loss is not None else None
 
     student.train()
     with autocast:
@@ -366,7 +450,8 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
             teacher_adv = run.teacher(x_adv).float().clone()
     logits = StepLogits(labels=y, student_adv=student_adv, student_clean=student_clean, teacher_clean=teacher_clean,
                         teacher_adv=teacher_adv)
-    loss = method.loss(logits, run.hyperparameters, epoch) * run.loss_scale
+    objective = method.loss(logits, run.hyperparameters, epoch, run.kl_scale)
+    loss = objective.total
 
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler is not None:
@@ -378,7 +463,27 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
         loss.backward()
         ddp.all_reduce_gradients(student, run.dist)
         run.optimizer.step()
-    return ddp.mean_scalar(loss.detach(), run.dist)
+    return _step_result(loss, objective.terms, student_adv, student_clean, y, run.dist)
+
+
+def _step_result(
+    loss: torch.Tensor, terms: dict[str, torch.Tensor], student_adv: torch.Tensor | None,
+    student_clean: torch.Tensor | None, y: torch.Tensor, dist: ddp.DistInfo,
+) -> StepResult:
+    """Everything a step reports, in one all-reduce (and one device sync): means of the losses, sums of the counts."""
+    names = list(terms)
+    correct = {kind: (logits.detach().argmax(1) == y).sum()
+               for kind, logits in (("adv", student_adv), ("clean", student_clean)) if logits is not None}
+    values = torch.stack([loss.detach().float(), *(terms[n].detach().float() for n in names),
+                          *(count.float() for count in correct.values())])
+    totals = ddp.sum_over_ranks(values, dist).tolist()
+    term_totals, correct_totals = totals[1:1 + len(names)], dict(zip(correct, totals[1 + len(names):], strict=True))
+    return StepResult(
+        loss=totals[0] / dist.world_size,
+        terms={name: total / dist.world_size for name, total in zip(names, term_totals, strict=True)},
+        adv_correct=round(correct_totals["adv"]) if "adv" in correct_totals else None,
+        clean_correct=round(correct_totals["clean"]) if "clean" in correct_totals else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- state
@@ -396,10 +501,11 @@ def _prepare_run_dir(out: Path, force: bool) -> None:
     for name in existing:  # --force: only what a run writes, never anything else in the folder
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    # Nothing is created here: a run refused by a later check (a bad --val-n) leaves no trace; the first checkpoint
+    # creates the folders.
 
 
-def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, float] | None, float]:
+def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, Any] | None, float]:
     """Load student, optimizer and progress from ``last.pt``: (epoch to run, first batch, partial sums, best)."""
     state = read_checkpoint(path)
     run.student.load_state_dict(state["state_dict"])
@@ -410,16 +516,19 @@ def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, float] | None, 
     run.history = list(state["history"])
     progress = state["progress"]
     logger.info("resuming %s at epoch %d, batch %d", path, progress["epoch"], progress["batch"])
-    partial = {"loss_sum": progress["loss_sum"], "seen": progress["seen"]} if progress["batch"] else None
+    partial = ({"loss_sum": progress["loss_sum"], "seen": progress["seen"], "sums": progress.get("sums", {})}
+               if progress["batch"] else None)
     return progress["epoch"], progress["batch"], partial, state["best_robust_acc"]
 
 
-def _training_state(run: _Run, epoch: int, batch: int, loss_sum: float, seen: int, best: float) -> dict[str, Any]:
+def _training_state(
+    run: _Run, epoch: int, batch: int, loss_sum: float, seen: int, best: float, sums: dict[str, float] | None = None
+) -> dict[str, Any]:
     state = {
         "optimizer": run.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         # The epoch (1-based) and batch to continue from; partial sums of an interrupted epoch.
-        "progress": {"epoch": epoch, "batch": batch, "loss_sum": loss_sum, "seen": seen},
+        "progress": {"epoch": epoch, "batch": batch, "loss_sum": loss_sum, "seen": seen, "sums": dict(sums or {})},
         "best_robust_acc": best,
         "history": run.history,
     }
@@ -439,7 +548,7 @@ def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best:
     run.history.append(metrics)
     meta = {"epoch": epoch, "metrics": metrics}
     robust = metrics["robust_acc"]
-    if robust is not None and robust > best:
+    if run.cfg.select != "last" and robust is not None and robust > best:
         best = robust
         _save(run, out / "checkpoints" / "best.pt", meta)
     extra = _training_state(run, epoch + 1, 0, 0.0, 0, best)
@@ -452,7 +561,8 @@ def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best:
 def _save_interrupted(run: _Run, out: Path, epoch: int, best: float) -> TrainingInterrupted:
     progress = run.progress or {"batch": 0, "loss_sum": 0.0, "seen": 0}
     if run.dist.is_main:
-        extra = _training_state(run, epoch, progress["batch"], progress["loss_sum"], progress["seen"], best)
+        extra = _training_state(run, epoch, progress["batch"], progress["loss_sum"], progress["seen"], best,
+                                progress.get("sums"))
         _save(run, out / "checkpoints" / "last.pt", {"epoch": epoch - 1, "interrupted_at_batch": progress["batch"]},
               extra)
     return TrainingInterrupted(

@@ -54,7 +54,7 @@ bench:                    # keys: the options of `rslad-edge bench`
 # rslad-edge pipeline, preset cifar10-rslad: the paper's CIFAR-10 setting, for a GPU (days on a CPU).
 # Teacher: the TRADES WRN-34-10 (RobustBench Zhang2019Theoretically, robustbench extra) or your own via --teacher.
 distill:
-  preset: paper           # SGD 0.1, wd 2e-4, batch 128, 300 epochs, lr x0.1 at 215/260/285, PGD-10 of 2/255
+  preset: paper           # SGD 0.1, wd 2e-4, batch 128, 300 epochs, lr x0.1 from 216/261/286, PGD-10 of 2/255
   method: rslad
   student: mobilenetv2
   teacher: robustbench:Zhang2019Theoretically
