@@ -76,7 +76,7 @@ def test_dry_run_passes_every_phase_through_the_cli_and_writes_its_record(tmp_pa
         assert [row["epoch"] for row in rows] == list(range(1, epochs + 1)), name
         assert all(row["images_per_s"] > 0 for row in rows), name
     student = phases["student"]["figures"]
-    assert 0 <= student["pgd20_acc"] <= student["clean_acc"] <= 1 and student["eval_n"] == 16
+    assert 0 <= student["pgd20_acc"] <= student["clean_acc"] <= 1 and student["val_n"] == 32
     for name in ("export_fp32", "export_fp16"):
         assert phases[name]["figures"]["parity"]["passed"] is True, name
     rows = phases["bench"]["figures"]["rows"]
