@@ -20,12 +20,16 @@ import torch.nn.functional as F
 from rslad_edge.attacks import pgd
 from rslad_edge.distill.config import DistillConfig, resolve_config
 from rslad_edge.distill.ddp import DistInfo
-from rslad_edge.distill.inner_max import training_attack
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.distill.trainer import _build, craft_adversarial, train_step
 from rslad_edge.models import create_model, save_checkpoint
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 3
+
+
+def training_attack(*args, **kwargs):
+    """The training attack as the trainer calls it: PGD with the authors' unclamped random start."""
+    return pgd(*args, **kwargs, clamp_start=False)
 
 # ------------------------------------------------------------------------------------ the authors' code, transcribed
 
@@ -202,7 +206,7 @@ def test_rslad_training_attack_gives_the_authors_x_adv_from_the_same_noise():
                   target_probs=F.softmax(teacher_logits, dim=1))
     ours = training_attack(student, x, None, **kwargs, generator=torch.Generator().manual_seed(7))
     assert torch.equal(ours, theirs)
-    # Evaluation PGD clamps its start to [0, 1]; on saturated pixels that changes x' (why inner_max.py exists).
+    # Evaluation PGD clamps its start to [0, 1]; on saturated pixels that changes x' (so training: clamp_start=False).
     assert not torch.equal(pgd(student, x, None, **kwargs, generator=torch.Generator().manual_seed(7)), theirs)
 
 

@@ -47,6 +47,7 @@ def pgd(
     target_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     cw_confidence: float = CW_CONFIDENCE,
+    clamp_start: bool = True,
 ) -> torch.Tensor:
     """Return ``x_adv`` (detached, dtype and shape of ``x``) with ``|x_adv - x|_inf <= eps`` and values in [0, 1].
 
@@ -65,6 +66,9 @@ def pgd(
             model's own detached clean probabilities (TRADES).
         generator: a ``torch.Generator`` on ``x.device`` to make the random start reproducible.
         cw_confidence: κ of the CW margin loss (50 as in the reference evaluation code).
+        clamp_start: clamp the random start to the eps-ball and [0, 1] (evaluation PGD: RSLAD's ``attack_pgd``,
+            verify). False: the first gradient is taken at ``x + noise`` as drawn, as the training loops of RSLAD,
+            TRADES, ARD and IAD do (only their steps are projected); on saturated pixels that changes x'.
     """
     eps = check_eps(eps)
     step_size = check_eps(step_size, name="--step-size")
@@ -80,7 +84,8 @@ def pgd(
         return x.clone()
     lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)  # the eps-ball intersected with [0, 1]
     x_adv = _random_start(x, eps, random_start, generator)
-    x_adv = torch.min(torch.max(x_adv, lower), upper)
+    if clamp_start:
+        x_adv = torch.min(torch.max(x_adv.clamp(0.0, 1.0), lower), upper)
 
     # enable_grad: evaluation loops often run under no_grad, and the input gradient is all this needs.
     with torch.enable_grad():
@@ -91,7 +96,7 @@ def pgd(
             x_adv = x_adv.detach() + step_size * input_grad.sign()
             # min/max against the ball clipped to [0, 1] = project onto the eps-ball, then clamp to [0, 1].
             x_adv = torch.min(torch.max(x_adv, lower), upper)
-    return x_adv.detach()
+    return torch.min(torch.max(x_adv, lower), upper).detach()  # a no-op after a step; 0 steps: the start, clamped
 
 
 def _random_start(x: torch.Tensor, eps: float, random_start: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -101,4 +106,4 @@ def _random_start(x: torch.Tensor, eps: float, random_start: str, generator: tor
         noise = NORMAL_START_STD * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else:
         return x.clone()
-    return (x + noise).clamp(0.0, 1.0)
+    return x + noise

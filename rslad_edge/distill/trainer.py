@@ -30,12 +30,11 @@ import yaml
 from torch import nn
 
 from rslad_edge import __version__
-from rslad_edge.attacks import get_attack, robust_correct
+from rslad_edge.attacks import get_attack, pgd, robust_correct
 from rslad_edge.data import ImageSet, augment_batch, hold_out, load_dataset, subset, to_float
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import DistillConfig
-from rslad_edge.distill.inner_max import training_attack
 from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_factor
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
@@ -406,7 +405,7 @@ def craft_adversarial(
     """The method's inner maximisation: x' for the batch, with the student in its authors' BN mode during the attack
     (eval: the BN-folded view, running statistics untouched; train: batch statistics, running statistics updated
     by every attack forward, as in ARD's and Madry's code), the random start unclamped as in their training loops
-    (``inner_max.py``). Leaves the student in that mode."""
+    (``pgd(clamp_start=False)``). Leaves the student in that mode."""
     method, cfg = run.method, run.cfg
     autocast = run.precision.autocast(run.device)
     run.student.train(method.attack_bn_mode == "train")
@@ -420,10 +419,10 @@ def craft_adversarial(
             with torch.no_grad(), autocast:
                 target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
     with autocast:
-        return training_attack(
+        return pgd(
             run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
             loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
-            generator=generator,
+            generator=generator, clamp_start=False,
         )
 
 
