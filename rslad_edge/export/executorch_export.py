@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +30,7 @@ from torch import nn
 from rslad_edge.errors import ExportError
 from rslad_edge.export.onnx_export import describe_export_failure
 from rslad_edge.export.precision import ImageReader
-from rslad_edge.runtime.executorch_runner import BACKEND_NAMES, read_delegation
+from rslad_edge.runtime.executorch_runner import BACKEND_NAMES, quiet_imports, read_delegation
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +80,7 @@ def _quiet() -> Any:
     """ExecuTorch's and torchao's import-time and lowering chatter (stdout prints, deprecation warnings) goes to
     the debug log, not the CLI's output."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with contextlib.redirect_stdout(printed), quiet_imports():
         try:
             yield
         finally:

@@ -18,10 +18,12 @@ and the runner says so (``static_batch``), like a static-batch ONNX model.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,13 +57,30 @@ def executorch_missing() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_imports() -> Iterator[None]:
+    """Importing ExecuTorch imports torchao, which warns on import (an ExperimentalWarning for the runtime's Python
+    API, and through torch's own logger a deprecation of ``register_constant`` on enums): noise for our users, not
+    something they can act on."""
+    pytree_logger = logging.getLogger("torch.utils._pytree")
+    level = pytree_logger.level
+    pytree_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pytree_logger.setLevel(level)
+
+
 def import_executorch_runtime() -> Any:
     """``executorch.runtime``, or a RuntimeUnavailableError naming the extra that provides it."""
     missing = executorch_missing()
     if missing is not None:
         raise RuntimeUnavailableError(missing)
     try:
-        import executorch.runtime as et_runtime
+        with quiet_imports():
+            import executorch.runtime as et_runtime
     except ImportError as exc:  # a broken install, or one built for another torch (its bindings link libtorch)
         raise RuntimeUnavailableError(
             f"ExecuTorch is installed but its runtime does not import ({str(exc).splitlines()[0][:200]}): "
@@ -72,24 +91,26 @@ def import_executorch_runtime() -> Any:
 
 @contextlib.contextmanager
 def native_stderr(lines: list[str]) -> Iterator[None]:
-    """Collect what native code writes on file descriptor 2 during the block into ``lines``.
+    """Collect what ExecuTorch's runtime logs during the block into ``lines``.
 
-    ExecuTorch's runtime logs from C++ straight to stderr: cpuinfo probing on every first load, and the one useful
-    line when a program does not load ("Program identifier 'PK\\x03\\x04' != expected 'ET12'"). Collected, the
-    first is kept out of the CLI's output (logged at debug level) and the second goes into the error message.
+    The runtime logs from C++ on every first load (cpuinfo probing) and, when a program does not load, the one
+    useful line ("Program identifier 'PK\x03\x04' != expected 'ET12'"). Its Python bindings send the log to
+    ``sys.stderr``; anything native that writes to file descriptor 2 directly is collected too. The first kind is
+    kept out of the CLI's output (logged at debug level), the second goes into the error message.
     """
+    python_side = io.StringIO()
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stderr(python_side):
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             sink.seek(0)
-            lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
+            text = python_side.getvalue() + sink.read().decode(errors="replace")
+            lines.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _log_native(lines: list[str], path: str) -> None:

@@ -85,11 +85,13 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.path = str(path)
-        requested, device_id = choose_provider(device, provider)
         ort_format = Path(self.path).suffix.lower() in ORT_FORMAT_SUFFIXES
-        if ort_format and requested != PROVIDERS["cpu"]:
-            raise ConfigError(f"'{self.path}' is an ORT-format model, optimised for the CPU when it was converted; "
-                              "run it with --device cpu, or run the .onnx it came from on the GPU")
+        if ort_format:  # optimised for the CPU when it was converted: auto means the CPU
+            if device.partition(":")[0] not in ("auto", "cpu") or provider not in (None, "cpu", PROVIDERS["cpu"]):
+                raise ConfigError(f"'{self.path}' is an ORT-format model, optimised for the CPU when it was converted; "
+                                  "run it with --device cpu, or run the .onnx it came from on the GPU")
+            device, provider = "cpu", None
+        requested, device_id = choose_provider(device, provider)
         if ort_format and not Path(self.path).is_file():
             raise ExportError(f"ORT-format model '{self.path}' does not exist")
         # An ONNX file is read before the session (TensorRT's options depend on it); a .ort only through one.
