@@ -113,6 +113,9 @@ def export_command(
 
     if batch is not None and dynamic:
         raise typer.BadParameter("--batch N and --dynamic exclude each other")
+    if dynamic and format == "executorch":
+        raise typer.BadParameter("an ExecuTorch program is static in the batch: give --batch N (default 1), not "
+                                 "--dynamic")
     cfg = ExportConfig(
         checkpoint=checkpoint, format=format, precision=precision, opset=opset, batch=batch, simplify=simplify,
         out=out, name=name, target=target, calib_n=calib_n, calib_method=calib_method, dataset=dataset,
