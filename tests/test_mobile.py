@@ -152,6 +152,11 @@ def test_phone_format_options_are_checked_naming_the_flag(checkpoint, overrides,
         ExportConfig(checkpoint=checkpoint, **overrides)
 
 
+def test_a_dynamic_batch_program_is_a_usage_error(checkpoint):
+    result = cli.invoke(app, ["export", str(checkpoint), "--format", "executorch", "--dynamic"])
+    assert result.exit_code == 2 and "static in the batch" in " ".join(result.output.split())
+
+
 def test_pipeline_lists_phone_formats_and_checks_them_up_front(tmp_path, monkeypatch):
     from rslad_edge.errors import PipelineConfigError
     from rslad_edge.pipeline.config import check_pipeline_config, load_pipeline_config
