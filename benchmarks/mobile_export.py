@@ -12,7 +12,8 @@ for batch 64 (a .pte is static in the batch). Then, with --threads for every run
   batch 1 and 64; a batch-1 .pte at batch 64 runs 64 calls (its row says so), the batch-64 .pte one call;
 - the same p50 from a bare loop over ExecuTorch's runtime (``method.execute([x])`` on a preallocated tensor, no
   input checks, no copies), to show what the runner adds (the issue's bar: within 15%);
-- parity against PyTorch on --parity-n test images (max |logit diff|, top-1 agreement) and the file size;
+- parity against PyTorch on --parity-n test images (max |logit diff|, top-1 agreement) and the file size (with
+  --min-agreement 0 an int8 export below export's 97% bar is kept and its agreement reported, not refused);
 - unless --skip-verify: ``rslad-edge verify`` of each batch-1 .pte against its checkpoint on --verify-n test images
   (transfer PGD-20 / CW crafted on the checkpoint, and Square with --square-queries queries), and the drop of the
   worst case.
@@ -46,7 +47,8 @@ def bare_executorch_p50_ms(path: Path, batch: int, threads: int, seconds: float)
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
-    portable_lib._unsafe_reset_threadpool(threads)
+    if portable_lib._threadpool_get_thread_count() != threads:  # only with no program loaded: see the runner
+        portable_lib._unsafe_reset_threadpool(threads)
     method = Runtime.get().load_program(path).load_method("forward")
     x = torch.rand(batch, 3, 32, 32)
     for _ in range(10):
@@ -64,7 +66,8 @@ def export_all(checkpoint: Path, args: argparse.Namespace) -> list[dict[str, Any
     """Every artifact of one checkpoint, with its parity; returns one dict per file."""
     bare = read_checkpoint(checkpoint).get("format") != FORMAT
     common = dict(checkpoint=checkpoint, out=args.out / checkpoint.stem, dataset=args.dataset,
-                  data_root=args.data_root, arch=args.arch if bare else None, parity_n=args.parity_n)
+                  data_root=args.data_root, arch=args.arch if bare else None, parity_n=args.parity_n,
+                  min_agreement=args.min_agreement)
     plans = [("onnx", "fp32", None), ("onnx", "int8", None)]
     for batch in (1, BIG_BATCH):
         plans += [("executorch", "fp32", batch), ("executorch", "int8", batch)]
@@ -90,11 +93,11 @@ def time_all(made: list[dict[str, Any]], args: argparse.Namespace) -> None:
         item["provider"] = runner.provider
         item["rows"] = {row.batch: {"p50_ms": row.p50_ms, "images_per_s": row.images_per_s,
                                     "iterations": row.iterations, "notes": row.notes} for row in report.results}
+        del runner
         if item["format"] == "executorch":
             own = item["batch"]
             item["bare_p50_ms"] = bare_executorch_p50_ms(item["path"], own, args.threads, args.seconds)
             item["bench_over_bare"] = item["rows"][own]["p50_ms"] / item["bare_p50_ms"]
-        del runner
 
 
 def verify_all(checkpoint: Path, made: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -148,6 +151,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for every runtime (and torch)")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per artifact and batch")
     parser.add_argument("--parity-n", type=int, default=256)
+    parser.add_argument("--min-agreement", type=float, default=None,
+                        help="int8 parity bar (default: export's, 97%%); 0 measures agreement without gating")
     parser.add_argument("--verify-n", type=int, default=200)
     parser.add_argument("--square-queries", type=int, default=300)
     parser.add_argument("--skip-verify", action="store_true")

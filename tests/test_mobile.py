@@ -224,6 +224,20 @@ def test_pte_provider_says_what_the_program_delegates(pte_fp32, tmp_path):
 
 
 @needs_executorch
+def test_the_thread_pool_is_resized_only_while_no_program_is_loaded(pte_fp32, images):
+    first = load_runner(pte_fp32.path, threads=1)
+    with pytest.raises(ConfigError, match="thread pool is shared by the whole process and has 1 threads"):
+        load_runner(pte_fp32.path, threads=2)  # resizing now would pull the pool from under `first`
+    expected = first.predict(images)
+    del first
+    second = load_runner(pte_fp32.path, threads=2)
+    assert second.threads == 2
+    np.testing.assert_allclose(second.predict(images), expected, atol=1e-5)
+    del second
+    assert load_runner(pte_fp32.path, threads=1).threads == 1
+
+
+@needs_executorch
 def test_a_program_nothing_was_delegated_in_says_so(tmp_path, checkpoint):
     from executorch.exir import to_edge
 

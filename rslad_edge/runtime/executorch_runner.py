@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from rslad_edge.errors import ExportError, RuntimeUnavailableError
+from rslad_edge.errors import ConfigError, ExportError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
 from rslad_edge.runtime.metadata import read_sidecar
 
 logger = logging.getLogger(__name__)
 
+_LOADED: weakref.WeakSet[ExecuTorchRunner] = weakref.WeakSet()  # runners whose program is loaded (see _set_threads)
 MOBILE_EXTRA = "pip install 'rslad-edge[mobile]'"
 METHOD = "forward"
 BACKEND_NAMES = {"XnnpackBackend": "XNNPACK"}  # ExecuTorch's backend id -> what people call it
@@ -184,6 +186,7 @@ class ExecuTorchRunner:
         if not Path(self.path).is_file():
             raise ExportError(f"ExecuTorch program '{self.path}' does not exist")
         et_runtime = import_executorch_runtime()
+        self.threads = _set_threads(threads)  # before any method is loaded: XNNPACK binds the pool at load time
         native: list[str] = []
         try:
             with native_stderr(native):
@@ -210,7 +213,7 @@ class ExecuTorchRunner:
         except Exception as exc:  # the runtime loaded it, so this is a decoding gap: say so rather than guess
             raise ExportError(f"'{self.path}' loads but its program cannot be decoded ({exc})") from exc
         self.provider = provider_label(self.delegation, self.metadata)
-        self.threads = _set_threads(threads)
+        _LOADED.add(self)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """float32 (N, C, H, W) in [0, 1] -> float32 logits (N, num_classes), in calls of the exported batch."""
@@ -254,12 +257,25 @@ def _check_contract(method_meta: Any, path: str, metadata: dict[str, Any]) -> tu
 
 
 def _set_threads(threads: int | None) -> int:
-    """Size ExecuTorch's (process-wide) thread pool, which XNNPACK runs on, and return what it has now."""
+    """Size ExecuTorch's process-wide thread pool, which XNNPACK runs on, and return its size.
+
+    XNNPACK binds a program to the pool when the program is loaded, and resizing the pool replaces it, so a resize
+    while any program is loaded would leave that program pointing at a pool that is gone (a crash on its next call,
+    hence ExecuTorch's name ``_unsafe_reset_threadpool``). It is refused instead, with what to do.
+    """
     from executorch.extension.pybindings import portable_lib
 
-    if threads is not None and threads != portable_lib._threadpool_get_thread_count():
-        native: list[str] = []
-        with native_stderr(native):  # "Resetting threadpool to N threads."
-            portable_lib._unsafe_reset_threadpool(threads)
-        _log_native(native, "threadpool")
+    current = int(portable_lib._threadpool_get_thread_count())
+    if threads is None or threads == current:
+        return current
+    if len(_LOADED):
+        raise ConfigError(
+            f"--threads {threads}: ExecuTorch's thread pool is shared by the whole process and has {current} threads "
+            f"while {len(_LOADED)} .pte program(s) are loaded; it can only be resized when none is (open every .pte "
+            "with the same --threads)"
+        )
+    native: list[str] = []
+    with native_stderr(native):  # "Resetting threadpool to N threads."
+        portable_lib._unsafe_reset_threadpool(threads)
+    _log_native(native, "threadpool")
     return int(portable_lib._threadpool_get_thread_count())
