@@ -6,9 +6,12 @@ so the package and its tests import without it; without it, opening a ``.pte`` i
 What ran is read from the program, not assumed: the ``.pte`` lists, per method, the delegate blobs (the backend
 each was lowered to) and the instructions, either a call into a delegate or a portable kernel running one op
 outside any delegate. The runner's ``provider`` says which backend ran and how much of the graph it took, e.g.
-``XNNPACK (61 of 61 nodes delegated)``: the node counts come from the export (the sidecar), and are used only
+``XNNPACK (68 of 68 nodes delegated)``: the node counts come from the export (the sidecar), and are used only
 when the program agrees with them (same delegate calls, same ops outside); otherwise the program's own counts
 are reported.
+
+XNNPACK runs on ExecuTorch's thread pool, one per process; ``threads`` sizes it, which is only safe while no program
+is loaded (XNNPACK binds a program to the pool when it loads), so a conflicting request is an error, not a crash.
 
 A ``.pte`` is exported for one batch size (torch.export specialises it; rslad-edge records it in the sidecar).
 ``predict`` serves any batch by splitting it into calls of that size and padding the last one with zero images,
