@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/smoke
+# Extras installed with the package, e.g. `make test EXTRAS=test,mobile` (read when .venv is (re)built).
+EXTRAS ?= test
 
 .PHONY: install demo test test-all lint bench clean
 
@@ -13,7 +15,7 @@ install: $(VENV)/.installed
 # install your own torch build into .venv first to keep it.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: install  # re-running continues (finished, unchanged stages are skipped)

@@ -6,7 +6,8 @@ verify gate and bench's accuracy column read these entries, never a glob of anot
 files (``verify/*.json``, ``bench/*.json``, ``export/*.json`` sidecars) stay in the run directory for people to
 read; the record names each of them.
 
-- :class:`Artifact`: a file a stage made (checkpoint, ONNX, engine): path, sha256, kind, precision, metadata.
+- :class:`Artifact`: a file a stage made (checkpoint, ONNX, .ort, .pte, engine): path, sha256, kind, precision,
+  metadata.
 - :class:`VerifyEntry`: one artifact's accuracies on the verify sample, its drop against the checkpoint (read from
   verify, never recomputed) and the gate's verdict.
 - :class:`BenchEntry`: one bench run (device, batch sizes, the JSON with every row).
@@ -25,7 +26,7 @@ from typing import Any
 
 from rslad_edge.errors import RunDirError
 from rslad_edge.io import sha256_file, write_json
-from rslad_edge.runtime import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES
+from rslad_edge.runtime import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, EXECUTORCH_SUFFIXES, ORT_FORMAT_SUFFIXES
 
 RECORD_FILE = "run.json"
 RECORD_FORMAT = "rslad-edge/run/1"
@@ -33,12 +34,17 @@ RECORD_VERSION = 1
 
 
 def artifact_kind(path: str | Path) -> str:
-    """checkpoint, onnx or engine, from the file name (what ``load_runner`` dispatches on)."""
+    """checkpoint, onnx, ort (ONNX Runtime Mobile's format), executorch (a .pte program) or engine, from the file
+    name (what ``load_runner`` dispatches on)."""
     suffix = Path(path).suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
         return "checkpoint"
     if suffix in ENGINE_SUFFIXES:
         return "engine"
+    if suffix in EXECUTORCH_SUFFIXES:
+        return "executorch"
+    if suffix in ORT_FORMAT_SUFFIXES:
+        return "ort"
     return suffix.lstrip(".") or "file"
 
 
@@ -49,7 +55,7 @@ class Artifact:
 
     path: Path
     sha256: str
-    kind: str  # checkpoint | onnx | engine
+    kind: str  # checkpoint | onnx | ort | executorch | engine
     precision: str  # fp32 | fp16 | int8 (the exported graph's; a checkpoint is fp32)
     size_mb: float
     metadata: dict[str, Any] = field(default_factory=dict)

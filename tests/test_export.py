@@ -246,7 +246,7 @@ def test_an_op_without_onnx_conversion_is_named():
 
 
 def test_config_validation_names_the_flag(checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="--format 'onx' is not one of onnx, trt. Did you mean 'onnx'"):
+    with pytest.raises(ConfigError, match="--format 'onx' is not one of onnx, trt, ort, executorch. Did you mean"):
         ExportConfig(checkpoint=checkpoint, format="onx")
     with pytest.raises(ConfigError, match="--target cpu"):
         ExportConfig(checkpoint=checkpoint, format="trt", precision="int8", target="cpu")

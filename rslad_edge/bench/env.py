@@ -22,7 +22,8 @@ from rslad_edge import __version__
 
 logger = logging.getLogger(__name__)
 
-_LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13")
+_LIBRARIES = ("numpy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13",
+              "executorch")
 
 
 def cpu_model(cpuinfo: str | None = None) -> str:

@@ -26,7 +26,14 @@ from rslad_edge.bench.jetson import TegrastatsSampler, is_jetson, probe_local_je
 from rslad_edge.bench.remote import SshTarget, bench_remote
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
 from rslad_edge.io import write_json
-from rslad_edge.runtime import CHECKPOINT_SUFFIXES, ENGINE_SUFFIXES, ONNX_SUFFIXES, load_runner
+from rslad_edge.runtime import (
+    CHECKPOINT_SUFFIXES,
+    ENGINE_SUFFIXES,
+    EXECUTORCH_SUFFIXES,
+    ONNX_SUFFIXES,
+    ORT_FORMAT_SUFFIXES,
+    load_runner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +105,12 @@ def runner_device(path: Path, device: str) -> str:
         return "cuda" if device == "jetson" else device
     if suffix in ONNX_SUFFIXES:
         return "trt" if device == "jetson" else device
+    if suffix in EXECUTORCH_SUFFIXES + ORT_FORMAT_SUFFIXES:
+        if device != "cpu":
+            what = "an ExecuTorch program (XNNPACK)" if suffix in EXECUTORCH_SUFFIXES else "an ORT-format model"
+            raise ConfigError(f"'{path}' is {what}, made for phone CPUs: bench it with --device cpu (here, or on "
+                              "the phone's CPU); the .onnx runs on GPUs")
+        return device
     return device  # load_runner names the suffixes it knows
 
 
@@ -136,7 +149,7 @@ def bench_artifacts(
     config = TimingConfig(tuple(int(b) for b in batches), warmup, warmup_seconds, iters, seconds, min_iters)
     paths = [Path(a) for a in artifacts]
     if not paths:
-        raise ConfigError("give at least one ARTIFACT (.pt, .onnx or .engine) to bench")
+        raise ConfigError("give at least one ARTIFACT (.pt, .onnx, .ort, .pte or .engine) to bench")
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"ARTIFACT '{path}' does not exist" + (" (it is a directory)" if path.is_dir() else ""))

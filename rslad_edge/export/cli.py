@@ -47,9 +47,11 @@ def export_command(
     checkpoint: Annotated[Path, typer.Argument(
         metavar="CHECKPOINT", show_default=False,
         help="Checkpoint to export (rslad-edge format, or a bare state dict with --arch).")],
-    format: Annotated[str, typer.Option("--format", callback=_choice(FORMATS),
-                                        help="onnx, or trt (the ONNX, then a TensorRT engine built on this GPU).")
-                      ] = "onnx",
+    format: Annotated[str, typer.Option(
+        "--format", callback=_choice(FORMATS),
+        help="onnx; trt (the ONNX, then a TensorRT engine built on this GPU); ort (the ONNX, then its ONNX Runtime "
+        "Mobile form, .ort); executorch (a .pte lowered to XNNPACK, fp32 or int8; needs the mobile extra).")
+    ] = "onnx",
     precision: Annotated[str, typer.Option(callback=_choice(PRECISIONS),
                                            help="fp32, fp16 (float32 I/O kept) or int8 (Q/DQ, calibrated).")
                          ] = "fp32",
@@ -58,7 +60,9 @@ def export_command(
         help="Where the int8 model runs: cpu (uint8 activations, ONNX Runtime's fast path) or trt (symmetric int8, "
         "what TensorRT needs). [default: trt with --format trt, else cpu]")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
-    batch: Annotated[int | None, typer.Option(help="A static batch of N (default: dynamic batch).")] = None,
+    batch: Annotated[int | None, typer.Option(
+        help="A static batch of N. [default: dynamic; 1 for executorch, whose programs are static in the batch]")
+    ] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch (the default; excludes --batch).")
                        ] = False,
     simplify: Annotated[bool, typer.Option("--simplify", help="Run onnxslim on the fp32 graph first.")] = False,
@@ -69,8 +73,10 @@ def export_command(
         "shapes. [default: the checkpoint's, else cifar10]")] = None,
     data_root: Annotated[str | None, typer.Option(help="Dataset folder. [default: the checkpoint's]")] = None,
     calib_n: Annotated[int, typer.Option(help="Training images to calibrate int8 on.")] = 512,
-    calib_method: Annotated[str, typer.Option(callback=_choice(CALIB_METHODS),
-                                              help="minmax, entropy or percentile.")] = "minmax",
+    calib_method: Annotated[str, typer.Option(
+        callback=_choice(CALIB_METHODS),
+        help="Activation ranges: minmax, entropy or percentile (ONNX); minmax or histogram (executorch).")
+    ] = "minmax",
     parity_n: Annotated[int, typer.Option(help="Test images for the parity check against PyTorch.")] = 256,
     max_abs_diff: Annotated[float | None, typer.Option(
         help=f"Parity: max |logit difference| allowed. Defaults: {_thresholds_help()}.")] = None,
@@ -86,7 +92,8 @@ def export_command(
     max_batch: Annotated[int, typer.Option(help="TensorRT profile: the largest batch (the smallest is 1).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the parity and calibration samples.")] = 0,
 ) -> None:
-    """Export a checkpoint to ONNX (fp32 / fp16 / int8) or a TensorRT engine, checked against PyTorch.
+    """Export a checkpoint to ONNX (fp32 / fp16 / int8), a TensorRT engine, ONNX Runtime Mobile (.ort) or
+    ExecuTorch (.pte), checked against PyTorch on the artifact's own runtime.
 
     Each artifact is compared with PyTorch on --parity-n test images; a miss exits 1 and writes nothing.
 
@@ -97,6 +104,8 @@ def export_command(
       rslad-edge export student.pt --precision int8 --dataset imagefolder --data-root data/cifar10
 
       rslad-edge export student.pt --format trt --precision fp16      (on the Jetson / GPU that will run it)
+
+      rslad-edge export student.pt --format executorch --precision int8 --dataset imagefolder --data-root data
     """
     from rslad_edge.export.config import ExportConfig
     from rslad_edge.export.exporter import export
@@ -104,6 +113,9 @@ def export_command(
 
     if batch is not None and dynamic:
         raise typer.BadParameter("--batch N and --dynamic exclude each other")
+    if dynamic and format == "executorch":
+        raise typer.BadParameter("an ExecuTorch program is static in the batch: give --batch N (default 1), not "
+                                 "--dynamic")
     cfg = ExportConfig(
         checkpoint=checkpoint, format=format, precision=precision, opset=opset, batch=batch, simplify=simplify,
         out=out, name=name, target=target, calib_n=calib_n, calib_method=calib_method, dataset=dataset,
@@ -124,13 +136,17 @@ def export_command(
     table = Table(title=f"rslad-edge export -> {cfg.out}", show_header=True)
     for column in ("artifact", "max |diff|", "agreement", "accuracy torch / artifact", "MiB"):
         table.add_column(column, justify="left" if column == "artifact" else "right")
-    rows = [(result.onnx_path, result.parity)]
-    if result.engine_path is not None and result.engine_parity is not None:
-        rows.append((result.engine_path, result.engine_parity))
-    for path, parity in rows:
-        table.add_row(path.name, f"{parity.max_abs_diff:.2e}", f"{parity.agreement:.2%}",
+    for written in result.written:
+        parity = written.parity
+        table.add_row(written.path.name, f"{parity.max_abs_diff:.2e}", f"{parity.agreement:.2%}",
                       f"{parity.torch_accuracy:.2%} / {parity.artifact_accuracy:.2%}",
-                      f"{path.stat().st_size / 2**20:.1f}")
+                      f"{written.path.stat().st_size / 2**20:.1f}")
     console.print(table)
-    console.print(f"parity vs PyTorch on {result.parity.data}; metadata in {result.onnx_sidecar}", style="dim",
+    sidecars = ", ".join(str(written.sidecar) for written in result.written)
+    console.print(f"parity vs PyTorch on {result.parity.data}; metadata in {sidecars}", style="dim",
                   highlight=False, soft_wrap=True)
+    delegation = result.metadata.get("delegation")
+    if delegation:
+        outside = ", ".join(f"{op} x{count}" for op, count in delegation["outside_nodes"].items()) or "none"
+        console.print(f"{delegation['backend']}: {delegation['delegated_nodes']} of {delegation['graph_nodes']} "
+                      f"nodes delegated; outside it: {outside}", style="dim", highlight=False, soft_wrap=True)

@@ -9,10 +9,20 @@ from typing import Any
 
 from rslad_edge.errors import ConfigError
 
-FORMATS = ("onnx", "trt")
+FORMATS = ("onnx", "trt", "ort", "executorch")
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGETS = ("cpu", "trt")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
+CALIB_METHODS = ("minmax", "entropy", "percentile", "histogram")
+# What each format can be asked for. ort: ONNX Runtime Mobile's form of the fp32 or int8 (U8S8) ONNX, for phone
+# CPUs, which have no fp16 path in ONNX Runtime's CPU kernels. executorch: a .pte lowered to XNNPACK, fp32 or int8
+# through PT2E with the XNNPACK quantizer (static int8 activations, per-channel symmetric int8 weights).
+FORMAT_PRECISIONS = {"onnx": PRECISIONS, "trt": PRECISIONS, "ort": ("fp32", "int8"), "executorch": ("fp32", "int8")}
+# Calibration: ONNX Runtime's quantizer takes minmax / entropy / percentile; the XNNPACK quantizer's activation
+# observers are minmax (MinMaxObserver, as our ONNX int8) or histogram (its own default, HistogramObserver: the
+# range with the least L2 quantization error, which may clip the large activations robust models rely on).
+FORMAT_CALIB_METHODS = {"onnx": CALIB_METHODS[:3], "trt": CALIB_METHODS[:3], "ort": CALIB_METHODS[:3],
+                        "executorch": ("minmax", "histogram")}
+EXECUTORCH_DEFAULT_BATCH = 1  # a .pte is static in the batch; 1 is what an app classifying one image runs
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear need 13; TensorRT 10's parser reads 9 and up
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset: no version conversion; ONNX Runtime and TensorRT 10 read it
 
@@ -81,12 +91,23 @@ class ExportConfig:
         self.format = choose(self.format, FORMATS, "--format")
         self.precision = choose(self.precision, PRECISIONS, "--precision")
         self.calib_method = choose(self.calib_method, CALIB_METHODS, "--calib-method")
+        if self.precision not in FORMAT_PRECISIONS[self.format]:
+            allowed = " or ".join(FORMAT_PRECISIONS[self.format])
+            raise ConfigError(f"--format {self.format} takes --precision {allowed}, not {self.precision}")
+        if self.calib_method not in FORMAT_CALIB_METHODS[self.format]:
+            raise ConfigError(f"--calib-method {self.calib_method} does not apply to --format {self.format}: use "
+                              f"{' or '.join(FORMAT_CALIB_METHODS[self.format])}")
+        if self.format in ("ort", "executorch") and self.target == "trt":
+            raise ConfigError(f"--target trt builds int8 for TensorRT; --format {self.format} runs on phone CPUs: drop "
+                              "--target")
         if self.target is None:
             self.target = "trt" if self.format == "trt" else "cpu"
         self.target = choose(self.target, TARGETS, "--target")
         if self.format == "trt" and self.precision == "int8" and self.target != "trt":
             raise ConfigError("--target cpu gives uint8 activations (U8S8), which TensorRT cannot build: drop "
                               "--target or use --target trt with --format trt")
+        if self.format == "executorch":
+            self._check_executorch()
         import onnx
 
         highest = onnx.defs.onnx_opset_version()
@@ -121,6 +142,18 @@ class ExportConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"--name must be a plain file stem like 'student', got '{self.name}'")
 
+    def _check_executorch(self) -> None:
+        """ExecuTorch is installed (the mobile extra), and the options make sense for a .pte."""
+        from rslad_edge.runtime.executorch_runner import executorch_missing
+
+        missing = executorch_missing()
+        if missing is not None:
+            raise ConfigError(f"--format executorch needs the mobile extra ({missing})")
+        if self.simplify:
+            raise ConfigError("--simplify runs onnxslim on an ONNX graph; --format executorch makes no ONNX")
+        if self.batch is None:
+            self.batch = EXECUTORCH_DEFAULT_BATCH  # torch.export specialises the batch: a .pte is static in it
+
     @property
     def thresholds(self) -> tuple[float | None, float]:
         """(max |logit difference| or None, minimum top-1 agreement) for this precision, flags overriding."""
@@ -137,6 +170,19 @@ class ExportConfig:
         if self.precision == "int8" and self.target == "trt":
             return f"{self.name}.int8-trt.onnx"
         return f"{self.name}.{self.precision}.onnx"
+
+    @property
+    def ort_name(self) -> str:
+        """student.ort, student.int8.ort: the ONNX's name with .ort (ONNX Runtime's converter names them so)."""
+        return self.onnx_name.removesuffix(".onnx") + ".ort"
+
+    @property
+    def pte_name(self) -> str:
+        """student.pte, student.int8.pte; a batch other than 1 is in the name (student.b64.pte), since a .pte is
+        static in the batch and exports for two batch sizes should not overwrite each other."""
+        batch = "" if self.batch in (None, EXECUTORCH_DEFAULT_BATCH) else f".b{self.batch}"
+        precision = "" if self.precision == "fp32" else f".{self.precision}"
+        return f"{self.name}{batch}{precision}.pte"
 
     @property
     def engine_name(self) -> str:

@@ -1,14 +1,19 @@
-"""The export stage: checkpoint -> checked ONNX (fp32 / fp16 / int8) -> optionally a TensorRT engine.
+"""The export stage: checkpoint -> checked ONNX (fp32 / fp16 / int8) -> optionally a TensorRT engine or an ORT-format
+model (ONNX Runtime Mobile); or checkpoint -> checked ExecuTorch program (``.pte``, XNNPACK; fp32 / int8).
 
 Order of work, and why:
 
 1. load the checkpoint and the data first, so a bad path or a missing dataset fails before minutes of export;
-2. export fp32 with the dynamo exporter, optionally simplify, then convert (fp16) or quantize (int8);
-3. ``onnx.checker`` (full check), then the parity check against PyTorch with ONNX Runtime on the CPU, on a fixed
-   seeded sample of the TEST split (calibration uses the TRAIN split, so int8 is never judged on what it saw);
-4. only an artifact that passed is renamed to its final name, with the parity figures in its ``metadata_props``
-   and sidecar. A failure leaves nothing under the final name (a stale file from an earlier run is removed too,
-   so a pipeline never picks up an artifact that does not match the settings it asked for).
+2. export fp32 with the dynamo exporter, optionally simplify, then convert (fp16) or quantize (int8); or, for
+   ExecuTorch, torch.export (+ PT2E int8) and lower to XNNPACK;
+3. ``onnx.checker`` (full check), then the parity check against PyTorch, on the artifact's own runtime (ONNX
+   Runtime on the CPU, ExecuTorch's runtime for a .pte), on a fixed seeded sample of the TEST split (calibration
+   uses the TRAIN split, so int8 is never judged on what it saw);
+4. only an artifact that passed is renamed to its final name, with the parity figures in its metadata (ONNX
+   ``metadata_props``, which a ``.ort`` keeps) and its sidecar. A failure leaves nothing under the final name (a
+   stale file from an earlier run is removed too, so a pipeline never picks up an artifact that does not match the
+   settings it asked for). Every format shares steps 1, 3 and 4: the data, the reference logits, the parity check
+   and the metadata are made here once.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ from rslad_edge.export.precision import quantize_int8, to_fp16
 from rslad_edge.export.trt_engine import TensorRTUnavailableError, build_engine, plan_build, trtexec_command
 from rslad_edge.io import sha256_file, write_json
 from rslad_edge.record import Artifact
-from rslad_edge.runtime.metadata import encode_props, read_sidecar, sidecar_path
+from rslad_edge.runtime import ENGINE_SUFFIXES
+from rslad_edge.runtime.metadata import encode_props, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -61,36 +67,78 @@ ENGINE_PARITY_DEFAULTS = {**PARITY_DEFAULTS, "fp32": (1e-3, 1.0)}
 
 
 @dataclass
-class ExportResult:
-    """What an export wrote and how it compared with PyTorch."""
+class ExportedFile:
+    """One artifact an export wrote: the file, how it compared with PyTorch, and its metadata (its sidecar)."""
 
-    onnx_path: Path
+    path: Path
     parity: ParityReport
     metadata: dict[str, Any]
-    engine_path: Path | None = None
-    engine_parity: ParityReport | None = None
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(self.path)
+
+    def artifact(self) -> Artifact:
+        """This file, typed for the run record."""
+        return Artifact.from_file(self.path, precision=self.metadata.get("precision", "fp32"), metadata=self.metadata)
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote, in order: the ONNX first when there is one, then what was built from it (an engine, a
+    .ort); an ExecuTorch export writes one .pte. The last one is what ``--format`` asked for."""
+
+    written: list[ExportedFile]
     trtexec: dict[str, str] = field(default_factory=dict)
 
     @property
-    def onnx_sidecar(self) -> Path:
-        return sidecar_path(self.onnx_path)
+    def final(self) -> ExportedFile:
+        return self.written[-1]
+
+    @property
+    def path(self) -> Path:
+        return self.final.path
+
+    @property
+    def parity(self) -> ParityReport:
+        return self.final.parity
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.final.metadata
+
+    @property
+    def onnx(self) -> ExportedFile | None:
+        return next((f for f in self.written if f.path.suffix == ".onnx"), None)
+
+    @property
+    def onnx_path(self) -> Path | None:
+        return self.onnx.path if self.onnx is not None else None
+
+    @property
+    def onnx_sidecar(self) -> Path | None:
+        return self.onnx.sidecar if self.onnx is not None else None
+
+    @property
+    def engine(self) -> ExportedFile | None:
+        return next((f for f in self.written if f.path.suffix.lower() in ENGINE_SUFFIXES), None)
+
+    @property
+    def engine_path(self) -> Path | None:
+        return self.engine.path if self.engine is not None else None
+
+    @property
+    def engine_parity(self) -> ParityReport | None:
+        return self.engine.parity if self.engine is not None else None
 
     def artifacts(self) -> list[Artifact]:
-        """What this export made, typed for the run record: the ONNX, then the engine when one was built."""
-        made = [Artifact.from_file(self.onnx_path, precision=self.metadata.get("precision", "fp32"),
-                                   metadata=self.metadata)]
-        if self.engine_path is not None:
-            made.append(Artifact.from_file(self.engine_path, precision=made[0].precision,
-                                           metadata=read_sidecar(self.engine_path)))
-        return made
+        """What this export made, typed for the run record, in the order it was made."""
+        return [written.artifact() for written in self.written]
 
     @property
     def files(self) -> list[Path]:
         """Every file written, sidecars included (what a re-run replaces)."""
-        paths = [self.onnx_path, self.onnx_sidecar]
-        if self.engine_path is not None:
-            paths += [self.engine_path, sidecar_path(self.engine_path)]
-        return paths
+        return [path for written in self.written for path in (written.path, written.sidecar)]
 
 
 @dataclass
@@ -117,26 +165,108 @@ def export(cfg: ExportConfig) -> ExportResult:
     input_shape = (3, int(height), int(width))
     data = _load_data(cfg, info, input_shape)
     out.mkdir(parents=True, exist_ok=True)
-    source_sha256 = sha256_file(cfg.checkpoint)
-
+    source = _Source(model, info, input_shape, sha256_file(cfg.checkpoint))
     reference = _torch_logits(model, info, cfg, data.parity_images)
-    onnx_path = out / cfg.onnx_name
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as workdir_name:
+
+    if cfg.format == "executorch":
+        return ExportResult([_export_pte(cfg, source, reference, data)])
+    result = ExportResult([_export_onnx(cfg, source, reference, data)])
+    if cfg.format == "ort":
+        result.written.append(_export_ort(cfg, result.written[0], reference, data))
+    if cfg.format == "trt":
+        _export_engine(cfg, result, input_shape, reference, data)
+    return result
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The checkpoint being exported, loaded once."""
+
+    model: torch.nn.Module
+    info: dict[str, Any]
+    input_shape: tuple[int, int, int]
+    sha256: str
+
+
+def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data: _Data) -> ExportedFile:
+    from rslad_edge.runtime import OnnxRunner
+
+    onnx_path = Path(cfg.out) / cfg.onnx_name
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
         workdir = Path(workdir_name)
-        proto, precision_info = _build_onnx(cfg, model, info, input_shape, data, workdir)
-        metadata = _metadata(cfg, info, input_shape, source_sha256, data, proto, precision_info)
+        proto, precision_info = _build_onnx(cfg, source.model, source.info, source.input_shape, data, workdir)
+        graph = graph_summary(proto)
+        metadata = _metadata(cfg, source, data, artifact=onnx_path.name, precision_info=precision_info, details={
+            "opset": graph["opset"], "graph": {"nodes": graph["nodes"], "op_types": graph["op_types"]},
+            "exporter": "torch.onnx.export(dynamo=True)" + (" + onnxslim" if cfg.simplify else "")})
         candidate = workdir / onnx_path.name
         _save_onnx(proto, metadata, candidate)
-        parity = _onnx_parity(candidate, reference, data, cfg.thresholds, onnx_path)
+        parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, onnx_path)
         metadata["parity"] = parity.to_dict()
         _save_onnx(proto, metadata, candidate)  # again, now carrying its parity figures
         os.replace(candidate, onnx_path)
     write_json(sidecar_path(onnx_path), metadata)
     logger.info("wrote %s: %s", onnx_path, parity.summary())
-    result = ExportResult(onnx_path=onnx_path, parity=parity, metadata=metadata)
-    if cfg.format == "trt":
-        _export_engine(cfg, result, input_shape, reference, data)
-    return result
+    return ExportedFile(onnx_path, parity, metadata)
+
+
+def _export_ort(cfg: ExportConfig, onnx_file: ExportedFile, reference: np.ndarray, data: _Data) -> ExportedFile:
+    """The checked ONNX in ORT format (ONNX Runtime Mobile), checked against PyTorch again: the conversion fuses
+    and re-lays the graph, so the .ort is its own artifact."""
+    from rslad_edge.export.ort_format import onnx_to_ort
+    from rslad_edge.runtime import OnnxRunner
+
+    ort_path = Path(cfg.out) / cfg.ort_name
+    metadata = {key: value for key, value in onnx_file.metadata.items() if key != "parity"}
+    metadata.update(artifact=ort_path.name, onnx=onnx_file.path.name, onnx_sha256=sha256_file(onnx_file.path),
+                    onnx_parity=onnx_file.parity.to_dict())
+    proto = onnx.load(onnx_file.path)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
+        workdir = Path(workdir_name)
+        staged, candidate = workdir / onnx_file.path.name, workdir / ort_path.name
+        _save_onnx(proto, metadata, staged)  # the .ort keeps the ONNX's metadata_props: give it its own
+        metadata["ort_conversion"] = onnx_to_ort(staged, candidate)
+        parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, ort_path)
+        metadata["parity"] = parity.to_dict()
+        _save_onnx(proto, metadata, staged)
+        onnx_to_ort(staged, candidate)  # again, now carrying its parity figures
+        os.replace(candidate, ort_path)
+    write_json(sidecar_path(ort_path), metadata)
+    logger.info("wrote %s: %s", ort_path, parity.summary())
+    return ExportedFile(ort_path, parity, metadata)
+
+
+def _export_pte(cfg: ExportConfig, source: _Source, reference: np.ndarray, data: _Data) -> ExportedFile:
+    """torch.export (+ PT2E int8) lowered to XNNPACK, checked on ExecuTorch's own runtime."""
+    from rslad_edge.export.executorch_export import LOWERING, torch_to_pte
+    from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+    pte_path = Path(cfg.out) / cfg.pte_name
+    assert cfg.batch is not None  # ExportConfig gives a .pte its static batch
+    program = torch_to_pte(source.model, source.input_shape, batch=cfg.batch, precision=cfg.precision,
+                           arch=source.info["arch"], calib_images=data.calib_images, calib_method=cfg.calib_method)
+    if program.quantization is not None:
+        program.quantization["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
+    metadata = _metadata(cfg, source, data, artifact=pte_path.name, precision_info=program.quantization or {},
+                         details={"exporter": LOWERING, "delegation": program.delegation},
+                         versions=("executorch", "torchao"))
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
+        candidate = Path(workdir_name) / pte_path.name
+        candidate.write_bytes(program.data)
+        runner = ExecuTorchRunner(candidate)
+        parity = _check_parity(runner, reference, data, cfg.thresholds, pte_path)
+        del runner  # the runtime maps the file: release it before the rename
+        os.replace(candidate, pte_path)
+    metadata["parity"] = parity.to_dict()
+    write_json(sidecar_path(pte_path), metadata)
+    logger.info("wrote %s (%s): %s", pte_path, _delegation_summary(program.delegation), parity.summary())
+    return ExportedFile(pte_path, parity, metadata)
+
+
+def _delegation_summary(delegation: dict[str, Any]) -> str:
+    outside = ", ".join(f"{op} x{n}" for op, n in delegation["outside_nodes"].items())
+    return (f"{delegation['delegated_nodes']} of {delegation['graph_nodes']} nodes delegated to "
+            f"{delegation['backend']}" + (f"; outside: {outside}" if outside else ""))
 
 
 def _load_data(cfg: ExportConfig, info: dict[str, Any], input_shape: tuple[int, int, int]) -> _Data:
@@ -206,38 +336,39 @@ def _build_onnx(
 
 
 def _metadata(
-    cfg: ExportConfig, info: dict[str, Any], input_shape: tuple[int, int, int], source_sha256: str, data: _Data,
-    proto: onnx.ModelProto, precision_info: dict[str, Any],
+    cfg: ExportConfig, source: _Source, data: _Data, *, artifact: str, precision_info: dict[str, Any],
+    details: dict[str, Any], versions: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """What every artifact's metadata says (the model, its input contract, where it came from), plus ``details``
+    of its format."""
+    info = source.info
     meta = info.get("meta") or {}
-    graph = graph_summary(proto)
+    int8_target = cfg.target if cfg.precision == "int8" and cfg.format != "executorch" else None
     metadata = {
         "format": METADATA_FORMAT,
-        "artifact": cfg.onnx_name,
+        "artifact": artifact,
         "arch": info["arch"],
         "num_classes": info["num_classes"],
         "classes": data.classes,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
-        "input_size": list(input_shape[1:]),
+        "input_size": list(source.input_shape[1:]),
         "input_range": [0.0, 1.0],
         "input_layout": "NCHW",
         "input_dtype": "float32",
         "batch": "dynamic" if cfg.batch is None else cfg.batch,
         "precision": cfg.precision,
-        "target": cfg.target if cfg.precision == "int8" else None,
+        "target": int8_target,
         "quantization" if cfg.precision == "int8" else "conversion": precision_info or None,  # None for fp32
         "eps": meta.get("eps"),
         "method": meta.get("method"),
         "teacher": meta.get("teacher"),
         "trained_on": meta.get("dataset"),
         "source": str(cfg.checkpoint),
-        "source_sha256": source_sha256,
+        "source_sha256": source.sha256,
         "source_format": info.get("format"),
-        "opset": graph["opset"],
-        "graph": {"nodes": graph["nodes"], "op_types": graph["op_types"]},
-        "exporter": "torch.onnx.export(dynamo=True)" + (" + onnxslim" if cfg.simplify else ""),
-        "versions": _versions(),
+        **details,
+        "versions": _versions(*versions),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return {key: value for key, value in metadata.items() if value is not None}  # the same keys in props and JSON
@@ -262,12 +393,11 @@ def _save_onnx(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) -> 
     onnx.save(proto, path)
 
 
-def _onnx_parity(
-    candidate: Path, reference: np.ndarray, data: _Data, thresholds: tuple[float | None, float], final: Path,
+def _check_parity(
+    runner: Any, reference: np.ndarray, data: _Data, thresholds: tuple[float | None, float], final: Path,
 ) -> ParityReport:
-    from rslad_edge.runtime import OnnxRunner
-
-    runner = OnnxRunner(candidate, device="cpu")
+    """The candidate (opened as ``runner``, on its own runtime) against PyTorch's logits; raises, removing any stale
+    ``final``, when it misses ``thresholds``."""
     report = compare_logits(reference, runner.predict(data.parity_images), data.parity_labels,
                             max_abs_diff=thresholds[0], min_agreement=thresholds[1], data=data.description)
     _raise_unless_passed(report, final)
@@ -294,15 +424,16 @@ def _export_engine(
     """Build the engine here when TensorRT and a GPU are present; else record and raise the trtexec commands."""
     from rslad_edge.runtime.tensorrt_runner import TensorRTRunner, import_tensorrt
 
+    onnx_file = result.written[0]
     engine_path = Path(cfg.out) / cfg.engine_name
     options = dict(batch=cfg.batch, opt_batch=cfg.opt_batch, max_batch=cfg.max_batch,
                    workspace_gib=cfg.workspace_gib, dla_core=cfg.dla_core)
     commands = {f"TensorRT {major}": trtexec_command(plan_build(major, cfg.precision, input_shape, **options),
-                                                     result.onnx_path, engine_path)
+                                                     onnx_file.path, engine_path)
                 for major in (10, 11)}
     result.trtexec = commands
-    result.metadata["trtexec"] = commands
-    write_json(result.onnx_sidecar, result.metadata)
+    onnx_file.metadata["trtexec"] = commands
+    write_json(onnx_file.sidecar, onnx_file.metadata)
     reason, trt = None, None
     try:
         trt = import_tensorrt()
@@ -313,42 +444,40 @@ def _export_engine(
     if reason is not None:
         raise TensorRTUnavailableError(
             f"{reason}, so no engine was built (an engine is specific to a GPU model and a TensorRT version): the "
-            f"ONNX is at {result.onnx_path}; build the engine on the target with the trtexec command printed above "
-            f"(also in {result.onnx_sidecar.name})",
-            result.onnx_path, commands,
+            f"ONNX is at {onnx_file.path}; build the engine on the target with the trtexec command printed above "
+            f"(also in {onnx_file.sidecar.name})",
+            onnx_file.path, commands,
         )
 
     plan = plan_build(trt.__version__, cfg.precision, input_shape, **options)
+    max_abs_diff, min_agreement = ENGINE_PARITY_DEFAULTS[cfg.precision]
+    if cfg.max_abs_diff is not None:
+        max_abs_diff = cfg.max_abs_diff
+    if cfg.min_agreement is not None:
+        min_agreement = cfg.min_agreement
     with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
         candidate = Path(workdir_name) / engine_path.name
-        build_engine(plan, result.onnx_path, candidate)
+        build_engine(plan, onnx_file.path, candidate)
         runner = TensorRTRunner(candidate, device="cuda")
-        max_abs_diff, min_agreement = ENGINE_PARITY_DEFAULTS[cfg.precision]
-        if cfg.max_abs_diff is not None:
-            max_abs_diff = cfg.max_abs_diff
-        if cfg.min_agreement is not None:
-            min_agreement = cfg.min_agreement
-        report = compare_logits(reference, runner.predict(data.parity_images), data.parity_labels,
-                                max_abs_diff=max_abs_diff, min_agreement=min_agreement, data=data.description)
-        _raise_unless_passed(report, engine_path)
+        report = _check_parity(runner, reference, data, (max_abs_diff, min_agreement), engine_path)
         gpu = runner.provider
         del runner
         os.replace(candidate, engine_path)
     engine_metadata = {
-        **result.metadata,
+        **onnx_file.metadata,
         "artifact": engine_path.name,
-        "onnx": result.onnx_path.name,
-        "onnx_sha256": sha256_file(result.onnx_path),
+        "onnx": onnx_file.path.name,
+        "onnx_sha256": sha256_file(onnx_file.path),
         "built_with": gpu,
         "build": {"trt_major": plan.trt_major, "strongly_typed": plan.strongly_typed,
                   "builder_flags": list(plan.builder_flags), "cleared_flags": list(plan.cleared_flags),
                   "profile": plan.profile, "workspace_bytes": plan.workspace_bytes, "dla_core": plan.dla_core},
-        "trtexec": trtexec_command(plan, result.onnx_path, engine_path),
+        "trtexec": trtexec_command(plan, onnx_file.path, engine_path),
         "parity": report.to_dict(),
-        "onnx_parity": result.parity.to_dict(),
+        "onnx_parity": onnx_file.parity.to_dict(),
         "versions": _versions("tensorrt"),
     }
     engine_metadata["versions"]["tensorrt"] = trt.__version__
     write_json(sidecar_path(engine_path), engine_metadata)
     logger.info("wrote %s: %s", engine_path, report.summary())
-    result.engine_path, result.engine_parity = engine_path, report
+    result.written.append(ExportedFile(engine_path, report, engine_metadata))

@@ -55,7 +55,7 @@ def torch_to_onnx(
                 dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False, optimize=True,
             )
     except Exception as exc:  # torch.export and the ONNX translator raise many unrelated types
-        raise ExportError(_describe_export_failure(exc, arch, opset)) from exc
+        raise ExportError(describe_export_failure(exc, arch, opset=opset)) from exc
     finally:
         if printed.getvalue().strip():
             logger.debug("torch.onnx.export: %s", printed.getvalue().strip())
@@ -67,11 +67,12 @@ def torch_to_onnx(
     return proto
 
 
-def _describe_export_failure(exc: BaseException, arch: str, opset: int) -> str:
-    """One line: which operator failed to export (when the exporter says), else the root cause and where it was."""
+def describe_export_failure(exc: BaseException, arch: str, *, target: str = "ONNX", opset: int | None = None) -> str:
+    """One line: which operator failed to export to ONNX at ``opset`` (when the exporter says), else the root cause
+    and where it was. ``target`` names what the export was for (ONNX, ExecuTorch): both start with torch.export."""
     chain = _exception_chain(exc)
     text = _ANSI.sub("", "\n".join(str(e) for e in chain))
-    for pattern in _OP_PATTERNS:
+    for pattern in _OP_PATTERNS if opset is not None else ():
         match = pattern.search(text)
         if match:
             return (f"cannot export {arch} to ONNX: operator '{match.group(1)}' has no ONNX conversion at opset "
@@ -81,7 +82,7 @@ def _describe_export_failure(exc: BaseException, arch: str, opset: int) -> str:
     reason = f"{type(root).__name__}: {lines[0][:200]}" if lines else type(root).__name__
     where = next((line for line in text.splitlines() if line.strip().startswith("File ")), "")
     at = f" at {where.strip()}" if where else ""
-    return f"cannot export {arch} to ONNX ({reason}){at}; change that code so torch.export can trace it"
+    return f"cannot export {arch} to {target} ({reason}){at}; change that code so torch.export can trace it"
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:

@@ -32,7 +32,8 @@ distill:                  # keys: the options of `rslad-edge distill` (see its -
   preset: smoke           # shapes, smallcnn student, 5 epochs, PGD-3 training attack
   method: rslad
   # teacher: path/to/teacher.pt   # omitted: the smoke preset trains one (smallcnn-wide, SAT) under OUT/teacher
-export:                   # keys: the options of `rslad-edge export`, plus `precisions`
+export:                   # keys: the options of `rslad-edge export`, plus `formats` and `precisions`
+  formats: [onnx]         # also: ort (ONNX Runtime Mobile), executorch (.pte, XNNPACK; the mobile extra)
   precisions: [fp32, int8]  # fp16 and a TensorRT engine are added where a CUDA GPU / TensorRT is present
   target: cpu             # int8 activation format: cpu = uint8 (ONNX Runtime's fast path), trt = symmetric int8
   calib-n: 512            # training images for int8 calibration
@@ -146,7 +147,7 @@ def load_pipeline_config(
 # Keys a section takes besides its stage config's fields (the pipeline runs a stage several times).
 PIPELINE_KEYS: dict[str, dict[str, Any]] = {
     "distill": {},
-    "export": {"precisions": list[str]},
+    "export": {"formats": list[str], "precisions": list[str]},
     "verify": {"checkpoint_attacks": list[str], "export_attacks": list[str]},
     "bench": {},
 }
@@ -181,6 +182,7 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     from rslad_edge.bench.suite import BenchConfig
     from rslad_edge.distill.config import DistillConfig, resolve_config
     from rslad_edge.export import ExportConfig
+    from rslad_edge.export.config import FORMAT_PRECISIONS
     from rslad_edge.verify import VerifyConfig
     from rslad_edge.verify.suite import parse_attacks
 
@@ -198,13 +200,22 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
 
     export = dict(_checked(sections["export"], "export", ExportConfig))
     precisions = list(export.pop("precisions", ["fp32", "int8"]))
-    if with_fp16 and "fp16" not in precisions:
-        precisions.append("fp16")  # fp16 pays off on GPUs only
+    formats = _in_section("export", lambda: export_formats(export.pop("formats", ["onnx"])), key="formats")
     export.setdefault("dataset", dataset["name"])
     export.setdefault("data_root", dataset["root"])
-    exports = [_in_section("export", lambda p=precision: ExportConfig(
-        checkpoint=student, precision=p, out=out / "export", format="trt" if engines else "onnx", **export))
-        for precision in precisions]
+    exports = []
+    for export_format in formats:
+        format_precisions = [p for p in precisions if p in FORMAT_PRECISIONS[export_format]]
+        if export_format == "onnx" and with_fp16 and "fp16" not in format_precisions:
+            format_precisions.append("fp16")  # fp16 pays off on GPUs only
+        if not format_precisions:
+            raise PipelineConfigError(f"pipeline section 'export': format {export_format} takes precisions "
+                                      f"{', '.join(FORMAT_PRECISIONS[export_format])}; none is in 'precisions'")
+        if export_format == "onnx" and engines:
+            export_format = "trt"  # the ONNX, then an engine built on this GPU
+        exports += [_in_section("export", lambda p=precision, f=export_format: ExportConfig(
+            checkpoint=student, precision=p, out=out / "export", format=f, **export))
+            for precision in format_precisions]
 
     verify = dict(_checked(sections["verify"], "verify", VerifyConfig))
     checkpoint_attacks = verify.pop("checkpoint_attacks", None)
@@ -223,9 +234,28 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
         attacks=attacks or export_attacks, **verify))
 
     bench = _in_section("bench", lambda: BenchConfig(**_checked(sections["bench"], "bench", BenchConfig)))
+    phone_formats = [f for f in formats if f in ("ort", "executorch")]
+    if phone_formats and bench.resolved_device() != "cpu":
+        raise PipelineConfigError(f"pipeline section 'bench': device {bench.resolved_device()} cannot run the "
+                                  f"{' and '.join(phone_formats)} exports (phone CPU formats): set device: cpu")
     return PipelineConfig(sections=sections, distill=distill_cfg, exports=exports,
                           verify_checkpoint=verify_checkpoint, verify_export=verify_export, bench=bench,
                           dataset=dataset)
+
+
+def export_formats(formats: list[str]) -> list[str]:
+    """The export section's ``formats``, checked; ``ort`` makes the ONNX too (the .ort is converted from it), so a
+    list with both exports each ONNX once."""
+    from rslad_edge.export.config import FORMATS, not_a_choice
+
+    choices = tuple(f for f in FORMATS if f != "trt")  # engines are built where TensorRT and a GPU are present
+    for name in formats:
+        if name not in choices:
+            raise ConfigError(not_a_choice(name, choices))
+    chosen = list(dict.fromkeys(formats))
+    if not chosen:
+        raise ConfigError(f"give at least one of {', '.join(choices)}")
+    return [name for name in chosen if not (name == "onnx" and "ort" in chosen)]
 
 
 def _in_section(stage: str, build: Any, key: str | None = None) -> Any:

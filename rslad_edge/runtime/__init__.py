@@ -1,8 +1,9 @@
 """One way to run any artifact: ``load_runner(path)`` picks the backend from the file and returns a Runner.
 
 Verify and bench take a Runner, never a path, so one attack and one timing loop serve a PyTorch checkpoint, an ONNX
-model (ONNX Runtime on CPU / CUDA / TensorRT) and a TensorRT engine alike. TensorRT and CUDA are imported only by
-the backend that needs them.
+model (ONNX Runtime on CPU / CUDA / TensorRT), its ORT-format form (``.ort``, ONNX Runtime Mobile), an ExecuTorch
+program (``.pte``) and a TensorRT engine alike. TensorRT, CUDA and ExecuTorch are imported only by the backend that
+needs them.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from rslad_edge.errors import ConfigError
 from rslad_edge.runtime.base import Runner
 from rslad_edge.runtime.inputs import check_input
 from rslad_edge.runtime.metadata import decode_props, encode_props, read_sidecar, sidecar_path
-from rslad_edge.runtime.onnx_runner import OnnxRunner, choose_provider
+from rslad_edge.runtime.onnx_runner import ORT_FORMAT_SUFFIXES, OnnxRunner, choose_provider
 from rslad_edge.runtime.torch_runner import TorchRunner
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+EXECUTORCH_SUFFIXES = (".pte",)
+KNOWN_SUFFIXES = CHECKPOINT_SUFFIXES + ONNX_SUFFIXES + ORT_FORMAT_SUFFIXES + EXECUTORCH_SUFFIXES + ENGINE_SUFFIXES
 
 
 def load_runner(
@@ -40,6 +43,9 @@ def load_runner(
     - ONNX (``.onnx``): :class:`OnnxRunner`; ``device`` auto / cpu / cuda[:N] / trt[:N] chooses the execution
       provider, ``provider`` (cpu, cuda, trt or a full ONNX Runtime name) overrides it; ``threads`` sets intra-op
       threads. The precision is the file's.
+    - ORT format (``.ort``): :class:`OnnxRunner` on the CPU (auto / cpu), as ONNX Runtime Mobile runs it.
+    - ExecuTorch program (``.pte``): :class:`ExecuTorchRunner` on the CPU (auto / cpu) with the backend it was
+      lowered to (XNNPACK); ``threads`` sizes ExecuTorch's thread pool. Needs the ``mobile`` extra.
     - TensorRT engine (``.engine``, ``.plan``, ``.trt``): :class:`TensorRTRunner` on a CUDA GPU (``device`` auto or
       cuda[:N]; cpu is an error).
 
@@ -49,14 +55,21 @@ def load_runner(
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in CHECKPOINT_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES:
-        known = ", ".join(CHECKPOINT_SUFFIXES + ONNX_SUFFIXES + ENGINE_SUFFIXES)
-        raise ConfigError(f"cannot tell what '{path}' is from its suffix '{suffix}': expected one of {known}")
+    if suffix not in KNOWN_SUFFIXES:
+        raise ConfigError(f"cannot tell what '{path}' is from its suffix '{suffix}': expected one of "
+                          f"{', '.join(KNOWN_SUFFIXES)}")
     if suffix not in CHECKPOINT_SUFFIXES and precision != "fp32":
         raise ConfigError(f"--precision {precision} applies to checkpoints; '{path}' runs at the precision it was "
                           "exported with")
-    if suffix in ONNX_SUFFIXES:
+    if suffix in ONNX_SUFFIXES + ORT_FORMAT_SUFFIXES:
         return OnnxRunner(path, device=device, provider=provider, threads=threads, batch_size=batch_size)
+    if suffix in EXECUTORCH_SUFFIXES:
+        from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+        if device not in ("auto", "cpu") or provider is not None:
+            raise ConfigError(f"'{path}' is an ExecuTorch program: it runs on the CPU with the backend it was "
+                              "lowered to (XNNPACK); use --device cpu and no --provider")
+        return ExecuTorchRunner(path, threads=threads, batch_size=batch_size)
     if suffix in ENGINE_SUFFIXES:
         from rslad_edge.runtime.tensorrt_runner import TensorRTRunner
 
@@ -71,7 +84,10 @@ def load_runner(
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "ENGINE_SUFFIXES",
+    "EXECUTORCH_SUFFIXES",
+    "KNOWN_SUFFIXES",
     "ONNX_SUFFIXES",
+    "ORT_FORMAT_SUFFIXES",
     "OnnxRunner",
     "Runner",
     "TorchRunner",

@@ -1,4 +1,5 @@
-"""The Runner protocol: one way to run any artifact (PyTorch checkpoint, ONNX model, TensorRT engine).
+"""The Runner protocol: one way to run any artifact (PyTorch checkpoint, ONNX or ORT-format model, ExecuTorch
+program, TensorRT engine).
 
 Verify and bench take a Runner, never a file path, so one attack and one timing loop serve every backend.
 Contract: ``predict`` takes float32 NCHW in [0, 1] as a numpy array, of any batch size (batching is the runner's
@@ -14,7 +15,7 @@ import numpy as np
 
 @runtime_checkable
 class Runner(Protocol):
-    backend: str  # "torch" | "onnxruntime" | "tensorrt"
+    backend: str  # "torch" | "onnxruntime" | "executorch" | "tensorrt"
     provider: str  # what actually ran, read back from the runtime (e.g. "CPUExecutionProvider"), never assumed
     precision: str  # "fp32" | "fp16" | "int8" | "bf16"
     input_shape: tuple[int, int, int]  # (C, H, W)

@@ -1,5 +1,6 @@
 """What an ONNX file says about itself, read without running it: input name and image shape, static batch, class
 count, precision and the metadata export wrote. The ONNX Runner and bench's remote build both read a file this way.
+An ORT-format file (``.ort``) is a flatbuffer that only ONNX Runtime reads, so it is described from a session.
 
 A file not written by rslad-edge has no metadata; its precision is then read from the graph (Q/DQ nodes: int8;
 float16 weights: fp16) and a symbolic dimension stays 0 ("any").
@@ -7,6 +8,7 @@ float16 weights: fp16) and a symbolic dimension stays 0 ("any").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,24 +45,49 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
         raise ExportError(f"'{path}' has {len(inputs)} inputs and {len(graph.output)} outputs; rslad-edge models take "
                           "one NCHW image batch and return one logits tensor")
     model_input, model_output = inputs[0], graph.output[0]
-    if model_input.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        element = onnx.TensorProto.DataType.Name(model_input.type.tensor_type.elem_type).lower()
+    element = onnx.TensorProto.DataType.Name(model_input.type.tensor_type.elem_type).lower()
+    return _contract_info(path, model_input.name, model_output.name, element, _dims(model_input), _dims(model_output),
+                          metadata, graph_precision=lambda: _graph_precision(graph))
+
+
+def inspect_ort_session(session: Any, path: str | Path) -> OnnxInfo:
+    """The same description for an ORT-format model (``.ort``, ONNX Runtime's mobile format: a flatbuffer, not an
+    ONNX protobuf), read from a session that loaded it: its inputs and outputs, the metadata_props it kept from the
+    ONNX (``custom_metadata_map``) and its sidecar."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or not outputs:
+        raise ExportError(f"'{path}' has {len(inputs)} inputs and {len(outputs)} outputs; rslad-edge models take "
+                          "one NCHW image batch and return one logits tensor")
+    metadata = {**read_sidecar(path), **decode_props(session.get_modelmeta().custom_metadata_map)}
+    element = str(inputs[0].type).removeprefix("tensor(").removesuffix(")")  # "tensor(float)" -> "float"
+
+    def dims(shape: list[Any]) -> list[int]:
+        return [d if isinstance(d, int) and d > 0 else 0 for d in shape]  # a symbolic dimension is a string or None
+
+    return _contract_info(path, inputs[0].name, outputs[0].name, element, dims(inputs[0].shape),
+                          dims(outputs[0].shape), metadata, graph_precision=lambda: "unknown")
+
+
+def _contract_info(
+    path: str | Path, input_name: str, output_name: str, element: str, dims: list[int], output_dims: list[int],
+    metadata: dict[str, Any], graph_precision: Callable[[], str],
+) -> OnnxInfo:
+    """An :class:`OnnxInfo` for a model taking one float32 NCHW batch, or an ExportError saying what it takes."""
+    if element != "float":
         raise ExportError(f"'{path}' takes {element}, not float32: it is not an rslad-edge model")
-    dims = _dims(model_input)
     if len(dims) != 4:
         raise ExportError(f"'{path}' takes a {len(dims)}-d input, not NCHW images")
     batch, channels, height, width = dims
     size = metadata.get("input_size")  # (H, W) rslad-edge exported it for, if it did
     if size and not (height and width):  # a symbolic spatial size: hold it to the size it was exported for
         channels, height, width = channels or 3, height or int(size[0]), width or int(size[1])
-    output_dims = _dims(model_output)
     classes = output_dims[-1] if output_dims else 0
     if not classes and "num_classes" in metadata:
         classes = int(metadata["num_classes"])
     return OnnxInfo(
-        path=Path(path), input_name=model_input.name, output_name=model_output.name,
+        path=Path(path), input_name=input_name, output_name=output_name,
         input_shape=(channels, height, width), static_batch=batch or None, num_classes=classes or None,
-        precision=str(metadata.get("precision") or _graph_precision(graph)), metadata=metadata,
+        precision=str(metadata.get("precision") or graph_precision()), metadata=metadata,
     )
 
 

@@ -1,4 +1,5 @@
-"""The ONNX Runtime backend: an ONNX model on the CPU, CUDA or TensorRT execution provider.
+"""The ONNX Runtime backend: an ONNX model on the CPU, CUDA or TensorRT execution provider, or an ORT-format model
+(``.ort``, ONNX Runtime Mobile's form of an ONNX export, optimised for the CPU when it was converted) on the CPU.
 
 ONNX Runtime only warns when a requested execution provider is missing and then runs on the CPU, so a result
 labelled "cuda" may have been computed on the CPU. This runner reads back what the session actually uses
@@ -16,7 +17,7 @@ import numpy as np
 
 from rslad_edge.errors import ConfigError, ExportError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
-from rslad_edge.runtime.onnx_info import inspect_onnx
+from rslad_edge.runtime.onnx_info import inspect_onnx, inspect_ort_session
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "trt": "TensorrtExecutionProvider",
 }
+ORT_FORMAT_SUFFIXES = (".ort",)
 DEFAULT_MAX_BATCH = 256  # images per session.run for a dynamic-batch model: bounds memory, costs nothing in speed
 
 
@@ -83,12 +85,19 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.path = str(path)
+        ort_format = Path(self.path).suffix.lower() in ORT_FORMAT_SUFFIXES
+        if ort_format:  # optimised for the CPU when it was converted: auto means the CPU
+            if device.partition(":")[0] not in ("auto", "cpu") or provider not in (None, "cpu", PROVIDERS["cpu"]):
+                raise ConfigError(f"'{self.path}' is an ORT-format model, optimised for the CPU when it was converted; "
+                                  "run it with --device cpu, or run the .onnx it came from on the GPU")
+            device, provider = "cpu", None
         requested, device_id = choose_provider(device, provider)
-        info = inspect_onnx(self.path)
-        self.metadata, self.precision = info.metadata, info.precision
-        self.input_name, self.output_name = info.input_name, info.output_name
-        self.static_batch = info.static_batch
-        self.input_shape = info.input_shape  # 0: symbolic
+        if ort_format and not Path(self.path).is_file():
+            raise ExportError(f"ORT-format model '{self.path}' does not exist")
+        # An ONNX file is read before the session (TensorRT's options depend on it); a .ort only through one.
+        info = None if ort_format else inspect_onnx(self.path)
+        self.metadata = info.metadata if info is not None else {}
+        self.precision = info.precision if info is not None else "unknown"
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -102,6 +111,12 @@ class OnnxRunner:
         except Exception as exc:  # ORT raises its own Fail / InvalidGraph / NoSuchFile types
             first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"ONNX Runtime cannot load '{self.path}': {first_line}") from exc
+        if info is None:
+            info = inspect_ort_session(session, self.path)
+            self.metadata, self.precision = info.metadata, info.precision
+        self.input_name, self.output_name = info.input_name, info.output_name
+        self.static_batch = info.static_batch
+        self.input_shape = info.input_shape  # 0: symbolic
         self.session = session
         self.providers = list(session.get_providers())
         self.provider = self.providers[0]

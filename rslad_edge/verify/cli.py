@@ -136,7 +136,8 @@ def _progress_callback(progress: Progress):
 def verify_command(
     artifact: Annotated[Path, typer.Argument(
         metavar="ARTIFACT", show_default=False,
-        help="What to verify: a checkpoint (.pt), an ONNX model (.onnx) or a TensorRT engine (.engine).")],
+        help="What to verify: a checkpoint (.pt), an ONNX model (.onnx, .ort), an ExecuTorch program (.pte) or a "
+        "TensorRT engine (.engine).")],
     reference: Annotated[Path | None, typer.Option(
         help="The PyTorch checkpoint the artifact came from: measured on the same images and adversarial examples, "
         "the drop shown; also the default transfer source.")] = None,

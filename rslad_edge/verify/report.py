@@ -262,7 +262,7 @@ class VerifyReport:
 def versions() -> dict[str, str | None]:
     """Versions of what computed the figures (the attack implementations and runtimes change results)."""
     found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("rslad-edge", "torch", "numpy", "onnxruntime", "pyautoattack"):
+    for package in ("rslad-edge", "torch", "numpy", "onnxruntime", "executorch", "pyautoattack"):
         try:
             found[package.replace("-", "_")] = metadata.version(package)
         except metadata.PackageNotFoundError:
