@@ -8,6 +8,7 @@
 | ``cw`` | PGD-20, 2/255, uniform start, CW margin κ=50 | CAT/FAT/IAD ``cwloss`` + "Madry" (uniform) start |
 | ``autoattack`` | AutoAttack standard | official ``pyautoattack`` |
 | ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row |
+| ``divergence`` | PGD-20, 2/255, uniform start, on DIVA's float-vs-edge objective | DIVA (Hao et al. 2022) |
 
 (1) RSLAD's training scripts select checkpoints with ``attack_pgd(attack_iters=20, step_size=0.003)``.
 (2) RSLAD.md names FGSM without its settings, and the authors' repository (zibojia/RSLAD) has no evaluation
@@ -35,8 +36,8 @@ from rslad_edge.attacks.losses import CW_CONFIDENCE, LOSS_NAMES
 from rslad_edge.attacks.pgd import RANDOM_STARTS, ModelFn, pgd
 from rslad_edge.errors import ConfigError, unknown_name_error
 
-AttackKind = Literal["fgsm", "pgd", "square", "autoattack"]
-ATTACK_KINDS: tuple[str, ...] = ("fgsm", "pgd", "square", "autoattack")
+AttackKind = Literal["fgsm", "pgd", "square", "autoattack", "divergence"]
+ATTACK_KINDS: tuple[str, ...] = ("fgsm", "pgd", "square", "autoattack", "divergence")
 WHITE_BOX_KINDS: tuple[str, ...] = ("fgsm", "pgd")
 
 
@@ -75,7 +76,7 @@ class AttackSpec:
             raise ConfigError(
                 f"{where}: unknown random_start {self.random_start!r}; choose one of {', '.join(RANDOM_STARTS)}."
             )
-        if self.kind == "pgd":
+        if self.kind in ("pgd", "divergence"):
             if self.steps < 1:
                 raise ConfigError(f"{where}: PGD needs steps >= 1, got {self.steps}.")
             if self.step_size is None:
@@ -109,6 +110,10 @@ ATTACK_PRESETS: dict[str, AttackSpec] = {
         ),
         AttackSpec("autoattack", "autoattack", version="standard", description="AutoAttack standard (official)"),
         AttackSpec("square", "square", n_queries=5000, p_init=0.8, description="Square, 5000 queries, p_init 0.8"),
+        AttackSpec(
+            "divergence", "divergence", steps=20, step_size=2 / 255, random_start="uniform",
+            description="divergence (DIVA): PGD-20 of 2/255 on p_float(y) - p_edge(y), uniform start",
+        ),
     )
 }
 
