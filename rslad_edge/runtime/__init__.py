@@ -1,5 +1,8 @@
 """One way to run any artifact: ``load_runner(path)`` picks the backend from the file and returns a Runner.
 
+An exported Runner (ONNX Runtime, TensorRT) also offers ``twin()``: a differentiable torch module that computes what
+the artifact computes (:mod:`rslad_edge.runtime.twin`), so white-box attacks can be crafted for it.
+
 Verify and bench take a Runner, never a path, so one attack and one timing loop serve a PyTorch checkpoint, an ONNX
 model (ONNX Runtime on CPU / CUDA / TensorRT) and a TensorRT engine alike. TensorRT and CUDA are imported only by
 the backend that needs them.
@@ -15,6 +18,15 @@ from rslad_edge.runtime.inputs import check_input
 from rslad_edge.runtime.metadata import decode_props, encode_props, read_sidecar, sidecar_path
 from rslad_edge.runtime.onnx_runner import OnnxRunner, choose_provider
 from rslad_edge.runtime.torch_runner import TorchRunner
+from rslad_edge.runtime.twin import (
+    MIN_TWIN_AGREEMENT,
+    TWIN_OPS,
+    OnnxTwin,
+    TwinAgreement,
+    TwinUnavailableError,
+    onnx_twin,
+    twin_agreement,
+)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
@@ -71,15 +83,22 @@ def load_runner(
 __all__ = [
     "CHECKPOINT_SUFFIXES",
     "ENGINE_SUFFIXES",
+    "MIN_TWIN_AGREEMENT",
     "ONNX_SUFFIXES",
+    "TWIN_OPS",
     "OnnxRunner",
+    "OnnxTwin",
     "Runner",
     "TorchRunner",
+    "TwinAgreement",
+    "TwinUnavailableError",
     "check_input",
     "choose_provider",
     "decode_props",
     "encode_props",
     "load_runner",
+    "onnx_twin",
     "read_sidecar",
     "sidecar_path",
+    "twin_agreement",
 ]

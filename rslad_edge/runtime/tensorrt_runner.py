@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
 from rslad_edge.runtime.metadata import read_sidecar
+
+if TYPE_CHECKING:
+    from rslad_edge.runtime.twin import OnnxTwin
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,26 @@ class TensorRTRunner:
             _ = device_input  # keep the input buffer alive as long as the callable
 
         return enqueue, device_output
+
+    def twin(self) -> OnnxTwin:
+        """The twin of the ONNX this engine was built from (its sidecar names it; it must lie beside the engine with
+        the hash the sidecar recorded): an engine's own weights are not readable, the ONNX's are."""
+        from rslad_edge.io import sha256_file
+        from rslad_edge.runtime.twin import TwinUnavailableError, onnx_twin
+
+        onnx_name = self.metadata.get("onnx")
+        if not onnx_name:
+            raise TwinUnavailableError(f"{Path(self.path).name} has no sidecar naming the ONNX it was built from, "
+                                       "so it has no twin")
+        onnx_path = Path(self.path).with_name(str(onnx_name))
+        if not onnx_path.is_file():
+            raise TwinUnavailableError(f"the ONNX {Path(self.path).name} was built from, {onnx_path.name}, is not "
+                                       "beside it: its twin is built from that file")
+        expected = self.metadata.get("onnx_sha256")
+        if expected and sha256_file(onnx_path) != expected:
+            raise TwinUnavailableError(f"{onnx_path.name} changed since {Path(self.path).name} was built from it "
+                                       "(sha256 differs from the sidecar's): rebuild the engine")
+        return onnx_twin(onnx_path)
 
     def __repr__(self) -> str:
         return f"TensorRTRunner({self.path!r}, {self.precision}, {self.provider})"
