@@ -16,7 +16,7 @@ from rich.table import Table
 
 from rslad_edge.console import console, err_console
 from rslad_edge.verify.report import CLEAN_ROW, WORST_CASE_ROW, AttackDetail, VerifyReport
-from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, EXPORTED_DEFAULT_ATTACKS, VERIFY_ATTACKS
+from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, VERIFY_ATTACKS
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
 
@@ -49,7 +49,10 @@ def results_table(report: VerifyReport) -> Table:
         title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
         f"L-inf eps {eps_text(report.eps)}; accuracy in %"
-        + ("; drop = reference - artifact in points, ± its paired 95% interval" if report.reference else "")
+        + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
+           "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
+           if report.reference else "")
+        + _gradients_caption(report)
         + _transfer_caption(report)
         + "".join(f"\n[yellow]warning:[/] {escape(warning)}" for warning in report.warnings),
         caption_justify="left",
@@ -93,6 +96,35 @@ def _add_transfer_sources(table: Table, report: VerifyReport, row: str, detail: 
         if with_reference:
             sub += [_percent(reference_sources.get(source.label)) if several else "", ""]
         table.add_row(*sub, "", style="dim")
+
+
+def _gradients_caption(report: VerifyReport) -> str:
+    """What crafted the artifact's white-box columns (its own gradients or its twin's, and how well the twin agrees)
+    and what judged them (always the artifact's runtime)."""
+    result = report.artifact
+    white_box = [name for name, detail in report.attack_details.items() if detail.family in ("white-box", "divergence")]
+    if not white_box:
+        return ""
+    judged = f"judged by {result.info.backend}"
+    if result.gradients == "twin" and result.twin is not None:
+        twin = result.twin
+        verdict = "" if twin.trusted else " [red](below the trusted threshold: upper bounds only)[/]"
+        return (f"\n{', '.join(white_box)}: crafted on the artifact's differentiable twin (its own graph, weights and "
+                f"quantization), {judged}; twin agreement {twin.agreement:.1%} top-1 on {twin.n} images, max "
+                f"|logit difference| {twin.max_abs_logit_diff:.3g}{verdict}")
+    if result.gradients == "own":
+        return f"\n{', '.join(white_box)}: crafted on the model's own gradients, {judged}"
+    return ""
+
+
+def divergence_line(report: VerifyReport) -> str | None:
+    """How often the divergence attack fooled the artifact while the float model stayed right."""
+    stats = report.divergence
+    if stats is None:
+        return None
+    return (f"divergence: {report.artifact.info.precision} artifact fooled where the float reference is not on "
+            f"{stats.artifact_fooled_float_not} of {stats.both_correct} images both classify correctly "
+            f"({stats.rate:.1%}); artifact fooled on {stats.artifact_fooled}, reference on {stats.float_fooled}")
 
 
 def _transfer_caption(report: VerifyReport) -> str:
@@ -153,7 +185,8 @@ def verify_command(
     n: Annotated[int, typer.Option("--n", help="Seeded test images to verify on (clipped to the test set).")] = 1000,
     attacks: Annotated[str | None, typer.Option(
         help=f"Comma-separated, from: {', '.join(VERIFY_ATTACKS)}. \\[default: {','.join(CHECKPOINT_DEFAULT_ATTACKS)} "
-        f"for a checkpoint, {','.join(EXPORTED_DEFAULT_ATTACKS)} for an exported artifact]")] = None,
+        "for every artifact, plus transfer_pgd,transfer_cw with a --reference or --source and divergence with a "
+        "--reference]")] = None,
     eps: Annotated[str, typer.Option(help="L-inf budget in pixel units: 8/255 or 0.031.")] = "8/255",
     square_queries: Annotated[int, typer.Option(help="Square's queries per image (5000 in the paper).")] = 5000,
     batch_size: Annotated[int, typer.Option(
@@ -174,9 +207,9 @@ def verify_command(
 
       rslad-edge verify runs/mnv2/export/student.int8.onnx --reference runs/mnv2/student.pt --max-drop 2
 
-    A checkpoint gets the white-box suite; an exported artifact gets transfer attacks crafted on --reference /
-    --source and the Square attack on its own outputs. A sample counts as robust in the worst case only if it
-    survives every attack. Exit 3 when --max-drop is crossed.
+    Every artifact gets the white-box suite (an exported one through its differentiable twin, judged by its own
+    runtime) and Square; with --reference / --source also transfer attacks and the divergence attack. A sample
+    counts as robust in the worst case only if it survives every attack. Exit 3 when --max-drop is crossed.
     """
     from rslad_edge.verify.run import VerifyConfig, verify_artifact
 
@@ -192,7 +225,7 @@ def verify_command(
         report = verify_artifact(cfg, progress=_progress_callback(progress))
 
     console.print(results_table(report))
-    for line in square_lines(report):
+    for line in [*([divergence_line(report)] if report.divergence else []), *square_lines(report)]:
         console.print(line, style="dim", highlight=False, soft_wrap=True)
     for note in report.notes:
         err_console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
