@@ -59,6 +59,7 @@ class AttackSpec:
     cw_confidence: float = CW_CONFIDENCE
     n_queries: int = 5000
     p_init: float = 0.8
+    square_schedule: str = "budget"  # "budget": p schedule compressed to n_queries; "paper": fixed for 10,000
     version: str = "standard"
     seed: int = 0
     description: str = ""
@@ -85,6 +86,8 @@ class AttackSpec:
             check_eps(self.step_size, name=f"{where} step_size")
         if self.kind == "square" and self.n_queries < 1:
             raise ConfigError(f"{where}: n_queries must be >= 1, got {self.n_queries}.")
+        if self.square_schedule not in ("budget", "paper"):
+            raise ConfigError(f"{where}: square_schedule must be budget or paper, got {self.square_schedule!r}.")
 
     @property
     def is_white_box(self) -> bool:

@@ -43,6 +43,7 @@ def load_runner(
     threads: int | None = None,
     precision: str = "fp32",
     batch_size: int | None = None,
+    spinning: bool = True,
 ) -> Runner:
     """Open ``path`` with the backend its suffix names.
 
@@ -68,7 +69,8 @@ def load_runner(
         raise ConfigError(f"--precision {precision} applies to checkpoints; '{path}' runs at the precision it was "
                           "exported with")
     if suffix in ONNX_SUFFIXES:
-        return OnnxRunner(path, device=device, provider=provider, threads=threads, batch_size=batch_size)
+        return OnnxRunner(path, device=device, provider=provider, threads=threads, batch_size=batch_size,
+                          spinning=spinning)
     if suffix in ENGINE_SUFFIXES:
         from rslad_edge.runtime.tensorrt_runner import TensorRTRunner
 

@@ -82,7 +82,10 @@ class OnnxRunner:
         provider: str | None = None,
         threads: int | None = None,
         batch_size: int | None = None,
+        spinning: bool = True,
     ) -> None:
+        """``spinning=False``: ONNX Runtime's threads sleep as soon as a run ends instead of spinning for the next
+        one; right where other work runs between calls (verify's attacks), wrong for a latency loop (bench)."""
         import onnxruntime as ort
 
         self.path = str(path)
@@ -98,6 +101,9 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: ORT's own warnings go to stderr outside our logging
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 self.path, sess_options=options, providers=self._provider_list(requested, device_id, batch_size)

@@ -48,6 +48,7 @@ from rslad_edge.attacks import (
     parse_eps,
 )
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
+from rslad_edge.attacks.square import DEFAULT_SCHEDULE, SQUARE_SCHEDULES
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.runtime import Runner
 from rslad_edge.runtime.twin import OnnxTwin, twin_agreement
@@ -85,6 +86,7 @@ def verify(
     reference: Runner | nn.Module | None = None,
     sources: Sequence[Runner | nn.Module] | None = None,
     square_queries: int = 5000,
+    square_schedule: str = DEFAULT_SCHEDULE,
     batch_size: int = 256,
     seed: int = 0,
     aa_version: str = "standard",
@@ -102,13 +104,16 @@ def verify(
             the same images (and the same transfer examples from other sources).
         sources: models to craft transfer examples on; None: ``[reference]``.
         square_queries: Square's query budget per image (5000 in RSLAD's black-box row).
+        square_schedule: ``"budget"`` (Square's p schedule compressed to the budget: the strongest measured at 150 to
+            5,000 queries) or ``"paper"`` (fixed for 10,000 queries, p_init 0.8: the paper's setting).
         batch_size: images per white-box / crafting batch and per AutoAttack batch.
         seed: seeds PGD's random starts, Square and AutoAttack.
         aa_version: AutoAttack version (``standard``, ``plus``, ``rand``).
         progress: called as ``progress(task, completed, total)`` while attacks run.
     """
     started = time.perf_counter()
-    eps = check_verify_options(eps=eps, square_queries=square_queries, batch_size=batch_size, aa_version=aa_version)
+    eps = check_verify_options(eps=eps, square_queries=square_queries, batch_size=batch_size, aa_version=aa_version,
+                               square_schedule=square_schedule)
     x, y = _as_inputs(data_x, data_y)
 
     artifact = as_model(runner, batch_size=batch_size)
@@ -173,7 +178,7 @@ def verify(
                 divergence_stats = _divergence(attack, targets[0], targets[1], x, y, eps=eps, batch_size=batch_size,
                                                seed=seed, progress=progress)
         else:
-            spec = replace(attack.spec, n_queries=square_queries, seed=seed)
+            spec = replace(attack.spec, n_queries=square_queries, seed=seed, square_schedule=square_schedule)
             for target in targets:
                 flags, stats = _square(attack.name, spec, target, x, y, eps=eps, batch_size=batch_size,
                                        progress=progress)
@@ -200,12 +205,15 @@ def verify(
         warnings=list(dict.fromkeys(warnings)),
         notes=notes,
         config={"attacks": [a.name for a in chosen], "eps": eps, "square_queries": square_queries,
+                "square_schedule": square_schedule,
                 "batch_size": batch_size, "seed": seed, "aa_version": aa_version},
         divergence=divergence_stats,
     )
 
 
-def check_verify_options(*, eps: float | str, square_queries: int, batch_size: int, aa_version: str) -> float:
+def check_verify_options(
+    *, eps: float | str, square_queries: int, batch_size: int, aa_version: str, square_schedule: str = DEFAULT_SCHEDULE
+) -> float:
     """The checks shared by :func:`verify` and ``VerifyConfig`` (one place for each rule); returns eps as a float.
 
     eps may be written ``"8/255"``; ConfigError names the flag at fault.
@@ -213,6 +221,8 @@ def check_verify_options(*, eps: float | str, square_queries: int, batch_size: i
     eps = parse_eps(eps)
     if square_queries < 1:
         raise ConfigError(f"--square-queries must be at least 1, got {square_queries}")
+    if square_schedule not in SQUARE_SCHEDULES:
+        raise ConfigError(f"--square-schedule must be one of {', '.join(SQUARE_SCHEDULES)}, got {square_schedule!r}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if aa_version not in AUTOATTACK_VERSIONS:
@@ -339,9 +349,11 @@ def _square(
         progress=_task(progress, f"{name} on {model.label}"),
     )
     assert outcome.queries is not None  # a Square outcome counts its queries
+    per_image = outcome.queries[clean_correct].float()
     stats = QueryStats(total=int(outcome.queries.sum()), attacked=int(clean_correct.sum()), budget=spec.n_queries,
-                       seconds=time.perf_counter() - started,
-                       runtime_seconds=model.runtime_seconds - runtime_before)
+                       seconds=time.perf_counter() - started, runtime_seconds=model.runtime_seconds - runtime_before,
+                       median=float(per_image.median()) if per_image.numel() else 0.0,
+                       schedule=spec.square_schedule, p_init=spec.p_init)
     return outcome.robust_correct, stats
 
 

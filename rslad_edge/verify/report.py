@@ -57,6 +57,9 @@ class QueryStats:
     budget: int  # --square-queries
     seconds: float  # wall time of the attack on this model
     runtime_seconds: float  # of which inside the backend's predict
+    median: float = 0.0  # queries per attacked image
+    schedule: str = "budget"  # Square's p schedule (budget | paper)
+    p_init: float = 0.8
 
     @property
     def mean(self) -> float:
@@ -67,7 +70,8 @@ class QueryStats:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "attacked": self.attacked, "mean": round(self.mean, 2), "budget": self.budget,
+        return {"total": self.total, "attacked": self.attacked, "mean": round(self.mean, 2), "median": self.median,
+                "budget": self.budget, "schedule": self.schedule, "p_init": self.p_init,
                 "seconds": round(self.seconds, 3), "per_s": round(self.per_second, 1),
                 "runtime_seconds": round(self.runtime_seconds, 3)}
 
