@@ -130,24 +130,11 @@ class TensorRTRunner:
         return enqueue, device_output
 
     def twin(self) -> OnnxTwin:
-        """The twin of the ONNX this engine was built from (its sidecar names it; it must lie beside the engine with
-        the hash the sidecar recorded): an engine's own weights are not readable, the ONNX's are."""
-        from rslad_edge.io import sha256_file
-        from rslad_edge.runtime.twin import TwinUnavailableError, onnx_twin
+        """The twin of the ONNX this engine was built from (an engine's own weights are not readable; its sidecar
+        names the ONNX and its hash)."""
+        from rslad_edge.runtime.twin import built_from_onnx_twin
 
-        onnx_name = self.metadata.get("onnx")
-        if not onnx_name:
-            raise TwinUnavailableError(f"{Path(self.path).name} has no sidecar naming the ONNX it was built from, "
-                                       "so it has no twin")
-        onnx_path = Path(self.path).with_name(str(onnx_name))
-        if not onnx_path.is_file():
-            raise TwinUnavailableError(f"the ONNX {Path(self.path).name} was built from, {onnx_path.name}, is not "
-                                       "beside it: its twin is built from that file")
-        expected = self.metadata.get("onnx_sha256")
-        if expected and sha256_file(onnx_path) != expected:
-            raise TwinUnavailableError(f"{onnx_path.name} changed since {Path(self.path).name} was built from it "
-                                       "(sha256 differs from the sidecar's): rebuild the engine")
-        return onnx_twin(onnx_path)
+        return built_from_onnx_twin(self.path, self.metadata)
 
     def __repr__(self) -> str:
         return f"TensorRTRunner({self.path!r}, {self.precision}, {self.provider})"

@@ -104,6 +104,26 @@ def onnx_twin(path: str | Path) -> OnnxTwin:
     return OnnxTwin(model, source=str(path))
 
 
+def built_from_onnx_twin(artifact: str | Path, metadata: dict[str, Any]) -> OnnxTwin:
+    """The twin of an artifact built from an ONNX (a TensorRT engine, a mobile format): the twin of that ONNX, which
+    must lie beside the artifact, named by its sidecar (``onnx``), with the sha256 the sidecar recorded."""
+    from rslad_edge.io import sha256_file
+
+    name = Path(artifact).name
+    onnx_name = metadata.get("onnx")
+    if not onnx_name:
+        raise TwinUnavailableError(f"{name} has no sidecar naming the ONNX it was built from, so it has no twin")
+    onnx_path = Path(artifact).with_name(str(onnx_name))
+    if not onnx_path.is_file():
+        raise TwinUnavailableError(f"the ONNX {name} was built from, {onnx_path.name}, is not beside it: its twin is "
+                                   "built from that file")
+    expected = metadata.get("onnx_sha256")
+    if expected and sha256_file(onnx_path) != expected:
+        raise TwinUnavailableError(f"{onnx_path.name} changed since {name} was built from it (sha256 differs from the "
+                                   "sidecar's): rebuild it")
+    return onnx_twin(onnx_path)
+
+
 class OnnxTwin(nn.Module):
     """Interprets an ONNX graph with torch ops, so that autograd gives input gradients of what the graph computes.
 
