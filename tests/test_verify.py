@@ -428,6 +428,8 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
     assert set(record["reference"]["robust_acc"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw", "square"}
     assert record["twin"]["agreement"] == 1.0 and record["divergence"]["both_correct"] > 0
     assert record["sha256"] == sha256_file(files["onnx"]) and record["queries"]["budget"] == 20
+    queries = record["queries"]  # Square's queries per image, and the setting it ran with
+    assert queries["schedule"] == "budget" and 1 <= queries["median"] <= 21 and queries["mean"] <= 21
     found = find_accuracies([(files["onnx"], record["sha256"])], [out])
     assert found.warnings == [] and found.by_sha256[record["sha256"]].robust_acc == record["worst_case_acc"]
 
