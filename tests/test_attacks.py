@@ -452,6 +452,16 @@ def test_autoattack_wrapper_breaks_a_weak_model_in_ball_and_logs_to_file(trained
     assert "apgd-ce" in log_path.read_text()
 
 
+def test_autoattack_apgd_version_runs_only_apgd_ce_and_apgd_t_with_the_standard_settings(trained, tmp_path) -> None:
+    model, x, y = trained
+    log_path = tmp_path / "autoattack.log"
+    x_adv = autoattack(model, x[:32], y[:32], eps=EPS, version="apgd", batch_size=32, log_path=log_path)
+    assert_in_ball_and_range(x_adv, x[:32], EPS)
+    log = log_path.read_text()
+    assert "using custom version including apgd-ce, apgd-t" in log and "fab" not in log and "square" not in log
+    assert accuracy(model, x_adv, y[:32]) < accuracy(model, x[:32], y[:32])
+
+
 def test_autoattack_without_the_package_says_how_to_install_it(trained, monkeypatch) -> None:
     model, x, y = trained
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # makes `import pyautoattack` raise ImportError

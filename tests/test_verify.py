@@ -353,7 +353,7 @@ def test_unknown_attack_names_the_close_one_and_lists_all():
     [
         ({"square_queries": 0}, "--square-queries must be at least 1, got 0"),
         ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, got 'fast'"),
+        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, apgd, got 'fast'"),
         ({"eps": 8}, "write --eps 8/255"),
     ],
 )

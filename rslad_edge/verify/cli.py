@@ -204,7 +204,9 @@ def verify_command(
     device: Annotated[str, typer.Option(
         help="auto, cpu, cuda[:N] (PyTorch, ONNX Runtime CUDA) or trt[:N] (ONNX Runtime TensorRT).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op CPU threads. \\[default: the backend's]")] = None,
-    aa_version: Annotated[str, typer.Option(help="AutoAttack version: standard, plus or rand.")] = "standard",
+    aa_version: Annotated[str, typer.Option(
+        help="AutoAttack version: standard, plus, rand, or apgd (standard's APGD-CE + APGD-T only: a third of the "
+        "cost on a CPU; Square is its own column).")] = "standard",
 ) -> None:
     """Robust accuracy of an artifact, measured on the artifact itself, next to the model it came from.
 
