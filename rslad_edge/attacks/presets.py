@@ -7,7 +7,7 @@
 | ``pgd_trades`` | PGD-20, 0.003, uniform start, CE | TRADES ``pgd_attack_cifar10.py``; RSLAD's per-epoch check (1) |
 | ``cw`` | PGD-20, 2/255, uniform start, CW margin κ=50 | CAT/FAT/IAD ``cwloss`` + "Madry" (uniform) start |
 | ``autoattack`` | AutoAttack standard | official ``pyautoattack`` |
-| ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row |
+| ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row (schedule: see ``square.py``) |
 | ``divergence`` | PGD-20, 2/255, uniform start, on DIVA's float-vs-edge objective | DIVA (Hao et al. 2022) |
 
 (1) RSLAD's training scripts select checkpoints with ``attack_pgd(attack_iters=20, step_size=0.003)``.
@@ -112,7 +112,8 @@ ATTACK_PRESETS: dict[str, AttackSpec] = {
             description="CW-inf: 20 PGD steps of 2/255 on the CW margin loss (confidence 50), uniform start",
         ),
         AttackSpec("autoattack", "autoattack", version="standard", description="AutoAttack standard (official)"),
-        AttackSpec("square", "square", n_queries=5000, p_init=0.8, description="Square, 5000 queries, p_init 0.8"),
+        AttackSpec("square", "square", n_queries=5000, p_init=0.8,
+                   description="Square, 5000 queries, p_init 0.8, p schedule compressed to the budget"),
         AttackSpec(
             "divergence", "divergence", steps=20, step_size=2 / 255, random_start="uniform",
             description="divergence (DIVA): PGD-20 of 2/255 on p_float(y) - p_edge(y), uniform start",
