@@ -1,5 +1,6 @@
 """Acceptance on real data (slow, minutes on a CPU): verify's ``pgd_sat`` on the shared robust teacher agrees with a
-plain PGD-20 written here from the paper's description, not from ``rslad_edge.attacks``.
+plain PGD-20 written here from the paper's description, not from ``rslad_edge.attacks``; and the teacher's int8
+export, attacked through its differentiable twin, is as vulnerable to PGD as the checkpoint.
 
 Needs ``../shared`` (the teacher, and the CIFAR-10 JPEG archive when ``/tmp/rslad-data/cifar10`` is not unpacked);
 skips without it. Run with ``pytest -m slow tests/test_verify_acceptance.py``.
