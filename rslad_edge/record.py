@@ -9,7 +9,7 @@ read; the record names each of them.
 - :class:`Artifact`: a file a stage made (checkpoint, ONNX, .ort, .pte, engine): path, sha256, kind, precision,
   metadata.
 - :class:`VerifyEntry`: one artifact's accuracies on the verify sample, its drop against the checkpoint (read from
-  verify, never recomputed) and the gate's verdict.
+  verify, never recomputed), its twin's agreement, the divergence rate and the gate's verdict.
 - :class:`BenchEntry`: one bench run (device, batch sizes, the JSON with every row).
 - :class:`StageEntry`: per stage, the key (hash of its config and inputs) it finished with, so ``--resume`` skips it.
 - :class:`RunRecord`: all of the above; ``RunRecord.load`` refuses a truncated file or one from a newer version with
@@ -102,11 +102,13 @@ class VerifyEntry:
     clean_acc: float
     robust_acc: dict[str, float]  # per attack
     worst_case_acc: float
-    drop_pp: float | None = None  # the reference's worst case minus this artifact's, on the same images
+    drop_pp: float | None = None  # the checkpoint's worst case minus this artifact's, on the same images
     drop_ci95_pp: float | None = None  # paired 95 % half-width of that drop
     reference_sha256: str | None = None
     gate: GateVerdict | None = None
     warnings: list[str] = field(default_factory=list)
+    twin_agreement: float | None = None  # top-1 agreement of the twin its white-box attacks were crafted on
+    divergence_rate: float | None = None  # fooled where the checkpoint is not, of the images both got right
 
     def to_json(self, root: Path) -> dict[str, Any]:
         return {**asdict(self), "json_path": _relative(self.json_path, root)}

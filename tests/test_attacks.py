@@ -369,6 +369,49 @@ def test_square_is_reproducible_for_a_seed(trained) -> None:
     assert torch.equal(first.x_adv, second.x_adv) and torch.equal(first.queries, second.queries)
 
 
+@pytest.mark.parametrize(("schedule", "smallest_p"), [("budget", 0.8 / 512), ("paper", 0.8 / 2)])
+def test_square_budget_schedule_reaches_the_small_squares_within_the_budget(trained, monkeypatch, schedule,
+                                                                           smallest_p) -> None:
+    from pyautoattack.square import SquareAttack
+
+    model, x, y = trained
+    chosen: list[float] = []
+    original = SquareAttack.p_selection
+    monkeypatch.setattr(SquareAttack, "p_selection", lambda self, it: chosen.append(original(self, it)) or chosen[-1])
+
+    def never_fooled(images: torch.Tensor) -> torch.Tensor:  # so every image stays in every query
+        assert len(images) == len(y)
+        return F.one_hot(y, NUM_CLASSES).float() * 9.0
+
+    square(never_fooled, x, y, eps=EPS, n_queries=20, seed=0, schedule=schedule)
+    # "paper": the schedule of 10,000 queries, so 20 queries never get past its second step;
+    # "budget": the same steps compressed into the 20 queries, down to the smallest square.
+    assert len(chosen) == 20 and min(chosen) == pytest.approx(smallest_p)
+
+
+def test_square_runs_its_tensor_work_on_one_torch_thread_and_restores_the_count(trained) -> None:
+    model, x, y = trained
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return model(images)
+
+    torch.set_num_threads(2)
+    try:
+        square(predict, x[:16], y[:16], eps=EPS, n_queries=5, seed=0)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_square_refuses_an_unknown_schedule(trained) -> None:
+    model, x, y = trained
+    with pytest.raises(ConfigError, match="--square-schedule must be one of budget, paper"):
+        square(model, x, y, eps=EPS, schedule="fast")
+
+
 # autocast ---------------------------------------------------------------------------------------------------------
 
 
@@ -407,6 +450,16 @@ def test_autoattack_wrapper_breaks_a_weak_model_in_ball_and_logs_to_file(trained
     assert_in_ball_and_range(x_adv, x[:32], eps)
     assert accuracy(model, x_adv, y[:32]) < 0.1
     assert "apgd-ce" in log_path.read_text()
+
+
+def test_autoattack_apgd_version_runs_only_apgd_ce_and_apgd_t_with_the_standard_settings(trained, tmp_path) -> None:
+    model, x, y = trained
+    log_path = tmp_path / "autoattack.log"
+    x_adv = autoattack(model, x[:32], y[:32], eps=EPS, version="apgd", batch_size=32, log_path=log_path)
+    assert_in_ball_and_range(x_adv, x[:32], EPS)
+    log = log_path.read_text()
+    assert "using custom version including apgd-ce, apgd-t" in log and "fab" not in log and "square" not in log
+    assert accuracy(model, x_adv, y[:32]) < accuracy(model, x[:32], y[:32])
 
 
 def test_autoattack_without_the_package_says_how_to_install_it(trained, monkeypatch) -> None:

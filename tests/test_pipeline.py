@@ -23,8 +23,8 @@ def tiny_sections(teacher, **changes):
         "distill": {"preset": "smoke", "method": "rslad", "teacher": str(teacher), "train_subset": 256, "epochs": 1,
                     "batch_size": 64, "eval_n": 64, "attack_steps": 2, "precision": "fp32", "device": "cpu"},
         "export": {"precisions": ["fp32", "int8"], "calib_n": 64, "parity_n": 64, "min_agreement": 0.5},
-        "verify": {"n": 48, "square_queries": 20, "device": "cpu", "checkpoint_attacks": ["fgsm", "pgd_sat"],
-                   "export_attacks": ["transfer_pgd", "square"]},
+        "verify": {"n": 48, "square_queries": 20, "device": "cpu",
+                   "attacks": ["fgsm", "pgd_sat", "transfer_pgd", "divergence", "square"]},
         "bench": {"device": "cpu", "batch": [1, 8], "seconds": 0.2, "warmup": 2, "warmup_seconds": 0.05,
                   "min_iters": 5, "threads": 1},
     }
@@ -55,8 +55,18 @@ def test_pipeline_runs_every_stage_and_writes_the_run_directory(finished_run):
     assert {p.name for p in (out / "export").glob("*.onnx")} == {"student.onnx", "student.int8.onnx"}
     verify = {p.name: json.loads(p.read_text()) for p in (out / "verify").glob("*.json")}
     assert set(verify) == {"student.pt.json", "student.onnx.json", "student.int8.onnx.json"}
-    assert verify["student.int8.onnx.json"]["reference"]["artifact"].endswith("student.pt")
-    assert "square" in verify["student.int8.onnx.json"]["robust_acc"]
+    int8 = verify["student.int8.onnx.json"]
+    assert int8["reference"]["artifact"].endswith("student.pt")
+    # Every artifact faces the same white-box columns (an export through its twin) and Square; exports also
+    # transfer and divergence. The drop is the checkpoint's own worst case minus the export's, on the same images.
+    assert set(verify["student.pt.json"]["robust_acc"]) == {"fgsm", "pgd_sat", "square"}
+    assert set(int8["robust_acc"]) == {"fgsm", "pgd_sat", "transfer_pgd", "divergence", "square"}
+    assert int8["twin"]["n"] == 48 and int8["attack_details"]["pgd_sat"]["artifact_gradients"] == "twin"
+    assert int8["reference"]["worst_case_acc"] == verify["student.pt.json"]["worst_case_acc"]
+    record = RunRecord.load(out)
+    entry = next(v for v in record.verify if v.json_path.name == "student.int8.onnx.json")
+    expected = 100 * (verify["student.pt.json"]["worst_case_acc"] - int8["worst_case_acc"])
+    assert entry.drop_pp == pytest.approx(expected)
     bench = json.loads((out / "bench" / "cpu.json").read_text())
     assert {r["batch"] for r in bench["results"]} == {1, 8} and len(bench["results"]) == 6
 
@@ -68,7 +78,7 @@ def test_report_shows_every_artifact_with_accuracy_and_latency(finished_run):
         assert f"<td>{name}</td>" in html
     assert html.count("<table") == 2 and "data:image/png;base64," in html  # self-contained figures
     md = result.report_md.read_text()
-    assert "| student.int8.onnx |" in md and "## Gates" in md
+    assert "| student.int8.onnx |" in md and "## Gates" in md and "twin agreement %" in md
 
 
 def test_rerun_with_resume_skips_every_unchanged_stage(finished_run, teacher):

@@ -1,8 +1,9 @@
 """Verify: which attacks run against what, per-sample worst case, drops and the gate, sanity checks, bad input, CLI.
 
 Real models on the synthetic ``shapes`` data, offline: a smallcnn whose classifier is fitted by ridge regression on
-random features (~40 % clean in 2 s, small margins), its real fp32 ONNX export, and small budgets (eps 1/255, tens
-of Square queries) so that accuracies land between 0 and clean and every figure can move.
+random features (~40 % clean in 2 s, small margins), its real fp32 and int8 ONNX exports (``tiny_exports``), and
+small budgets (eps 1/255, tens of Square queries) so that accuracies land between 0 and clean and every figure can
+move.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from rslad_edge.cli import app
 from rslad_edge.errors import ConfigError, DatasetError, GateFailedError
 from rslad_edge.io import sha256_file
 from rslad_edge.models import save_checkpoint
-from rslad_edge.runtime import load_runner
+from rslad_edge.runtime import OnnxTwin, load_runner
 from rslad_edge.verify import (
     CHECKPOINT_DEFAULT_ATTACKS,
-    EXPORTED_DEFAULT_ATTACKS,
     ArtifactInfo,
+    DivergenceStats,
     ModelResult,
     VerifyConfig,
     VerifyReport,
@@ -39,6 +40,8 @@ from rslad_edge.verify import (
 
 EPS = 1 / 255  # small enough that the weak test model keeps some robust samples
 QUERIES = 40
+# Everything but AutoAttack (its own test below): the columns every artifact faces.
+SUITE = ["fgsm", "pgd_sat", "pgd_trades", "cw", "transfer_pgd", "transfer_cw", "divergence", "square"]
 N = 48
 cli = CliRunner()
 
@@ -56,15 +59,18 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    """student.pt (rslad-edge checkpoint), its fp32 ONNX export, and an unrelated tiny ONNX model."""
+def files(tiny_exports, tmp_path_factory) -> dict[str, Path]:
+    """student.pt (rslad-edge checkpoint), its fp32 and int8 ONNX exports, an unrelated tiny ONNX model (another
+    architecture), and the fp32 export of a weaker smallcnn (same architecture, scrambled classifier)."""
     from rslad_edge.export import ExportConfig, export
 
     folder = tmp_path_factory.mktemp("verify")
-    checkpoint = save_checkpoint(folder / "student.pt", ridge_fitted_smallcnn(), "smallcnn", num_classes=10,
-                                 meta={"dataset": "shapes"})
-    exported = export(ExportConfig(checkpoint=checkpoint, out=folder / "export", parity_n=32))
-    return {"pt": checkpoint, "onnx": exported.onnx_path, "other": tiny_onnx(folder / "other.onnx")}
+    weak = ridge_fitted_smallcnn()
+    torch.nn.init.normal_(weak.linear.weight, std=0.1)  # a different model: mostly wrong, with the same layers
+    weak_checkpoint = save_checkpoint(folder / "weak.pt", weak, "smallcnn", num_classes=10, meta={"dataset": "shapes"})
+    weak_onnx = export(ExportConfig(checkpoint=weak_checkpoint, out=folder / "weak", parity_n=32)).onnx_path
+    return {"pt": tiny_exports["pt"], "onnx": tiny_exports["fp32"], "int8": tiny_exports["int8"],
+            "other": tiny_onnx(folder / "other.onnx"), "weak": weak_onnx}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,8 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runners(files) -> dict:
-    return {"pt": load_runner(files["pt"], "cpu"), "onnx": load_runner(files["onnx"], "cpu", threads=1),
-            "other": load_runner(files["other"], "cpu", threads=1)}
+    onnx_files = {key: load_runner(files[key], "cpu", threads=1) for key in ("onnx", "int8", "other")}
+    return {"pt": load_runner(files["pt"], "cpu"), **onnx_files}
 
 
 class RecordingRunner:
@@ -89,10 +95,14 @@ class RecordingRunner:
         self.calls: list[int] = []
         for name in ("backend", "provider", "precision", "input_shape", "num_classes", "path"):
             setattr(self, name, getattr(runner, name))
+        self.metadata = dict(getattr(runner, "metadata", {}))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         self.calls.append(len(x))
         return self.runner.predict(x)
+
+    def twin(self) -> OnnxTwin:
+        return self.runner.twin()
 
 
 def _text(output: str) -> str:
@@ -103,31 +113,59 @@ def _text(output: str) -> str:
 # --------------------------------------------------------------------------------------------- what runs on what
 
 
-def test_exported_twin_measures_what_its_reference_measures_on_every_attack(runners, images):
+def test_an_export_faces_the_checkpoints_white_box_columns_through_its_twin_judged_by_itself(runners, images):
     x, y = images
-    report = verify(runners["onnx"], x, y, reference=runners["pt"], eps=EPS, square_queries=QUERIES)
-    assert report.attacks == list(EXPORTED_DEFAULT_ATTACKS)
+    recording = RecordingRunner(runners["onnx"])
+    report = verify(recording, x, y, reference=runners["pt"], attacks=SUITE, eps=EPS, square_queries=QUERIES)
+    assert report.attacks == SUITE and report.artifact.gradients == "twin"
+    assert report.artifact.twin.agreement == 1.0 and report.artifact.twin.n == N and report.artifact.twin.trusted
     assert 0 < report.clean_acc == report.reference.clean_acc
     one_sample = 100 / N
     for row in report.rows:  # the same function in two runtimes: drops within one sample, never noise-sized
-        assert abs(report.drop_pp(row)) <= one_sample + 1e-6, (row, report.drop_pp(row))
-    # Transfer: the very same adversarial images on both, crafted on the reference (= white-box for it).
+        if row in ("transfer_pgd", "transfer_cw", "divergence"):  # crafted on the reference: not a column of it
+            assert report.drop_pp(row) is None and report.accuracy(row, reference=True) is None
+        else:
+            assert abs(report.drop_pp(row)) <= one_sample + 1e-6, (row, report.drop_pp(row))
+    # Crafted on the twin, judged by the artifact's runtime: every white-box batch of images reached ONNX Runtime.
+    correct = round(report.clean_acc * N)
+    assert recording.calls.count(correct) >= 4  # fgsm, pgd_sat, pgd_trades, cw: one call each (batch 256 > N)
+    assert report.robust_acc["pgd_sat"] < report.clean_acc
     assert report.robust_acc["transfer_pgd"] < report.clean_acc
     assert report.artifact.per_source["transfer_pgd"] == {"student.pt": report.robust_acc["transfer_pgd"]}
     square = report.artifact.queries["square"]
-    assert square.attacked == round(report.clean_acc * N) and 0 < square.total <= square.attacked * QUERIES
+    assert square.attacked == correct and 0 < square.total <= square.attacked * QUERIES
     assert square.per_second > 0 and 0 < square.runtime_seconds <= square.seconds
+    record = report.to_json()
+    assert record["gradients"] == "twin" and record["twin"]["trusted"] and record["twin_unavailable"] is None
+    assert record["attack_details"]["pgd_sat"]["artifact_gradients"] == "twin"
+    assert record["attack_details"]["pgd_sat"]["judged_by"] == "onnxruntime (CPUExecutionProvider)"
+    assert record["divergence"]["both_correct"] == correct  # same function: both right on the same images
     assert report.warnings == []
+
+
+def test_the_worst_case_drop_is_the_checkpoints_worst_case_minus_the_artifacts(runners, images):
+    """The reference faces what the checkpoint faces on its own, so its worst case equals the checkpoint's own
+    verify on the same images; the drop of the worst case is measured against that."""
+    x, y = images
+    attacks = ["fgsm", "pgd_sat", "transfer_pgd", "divergence", "square"]
+    report = verify(runners["int8"], x, y, reference=runners["pt"], attacks=attacks, eps=EPS, square_queries=QUERIES)
+    alone = verify(runners["pt"], x, y, attacks=["fgsm", "pgd_sat", "square"], eps=EPS, square_queries=QUERIES)
+    assert torch.equal(report.reference.worst_case_correct, alone.artifact.worst_case_correct)
+    expected = 100 * (alone.worst_case_acc - report.worst_case_acc)
+    assert report.drop_pp("worst_case") == pytest.approx(expected)
+    assert set(report.reference.robust_acc) == {"fgsm", "pgd_sat", "square"}
+    assert report.artifact.gradients == "twin" and report.artifact.twin.agreement >= 0.99
 
 
 def test_checkpoint_gets_the_white_box_suite_and_a_robust_sample_is_always_clean_correct(runners, images):
     x, y = images
-    report = verify(runners["pt"], x, y, eps=EPS, batch_size=32)  # two batches of attacked images at most
+    report = verify(runners["pt"], x, y, eps=EPS, batch_size=32, square_queries=10)  # two attacked batches at most
     assert report.attacks == list(CHECKPOINT_DEFAULT_ATTACKS) and report.reference is None
     result = report.artifact
     for name, flags in result.robust_correct.items():
         assert not (flags & ~result.clean_correct).any(), name
-        assert report.robust_acc[name] < report.clean_acc, name
+        if name != "square":  # Square at 10 queries and 1/255 may fool nothing; every gradient attack fools some
+            assert report.robust_acc[name] < report.clean_acc, name
     assert report.robust_acc["autoattack"] <= report.robust_acc["pgd_sat"]
     expected_worst = result.clean_correct & torch.stack(list(result.robust_correct.values())).all(dim=0)
     assert torch.equal(result.worst_case_correct, expected_worst)
@@ -143,6 +181,18 @@ def test_worst_case_is_the_per_sample_and_not_the_lowest_attack():
     result = _result([1, 1, 1, 1], transfer_pgd=[1, 1, 0, 0], square=[1, 0, 1, 0])
     assert result.robust_acc == {"transfer_pgd": 0.5, "square": 0.5}
     assert result.worst_case_acc == 0.25  # only the first sample survives both
+
+
+def test_the_gate_holds_the_artifacts_worst_case_to_the_checkpoints_worst_case():
+    # The artifact faced a transfer attack the reference did not (crafted on the reference itself): it has no drop
+    # of its own, but it lowers the artifact's worst case, which the gate holds to the checkpoint's.
+    artifact = _result([1] * 10, pgd_sat=[1] * 6 + [0] * 4, transfer_pgd=[0] * 3 + [1] * 7)
+    reference = _result([1] * 10, pgd_sat=[1] * 6 + [0] * 4)
+    report = VerifyReport(artifact, reference, ["pgd_sat", "transfer_pgd"], n=10, eps=EPS, seed=0)
+    assert report.drop_pp("pgd_sat") == 0 and report.drop_pp("transfer_pgd") is None
+    assert report.drop_pp("worst_case") == pytest.approx(30)  # 60 % (checkpoint) - 30 % (artifact)
+    assert report.gate_failures(5) == ["worst_case"]
+    assert report.to_json()["drop_pp"]["transfer_pgd"] is None
 
 
 def test_gate_names_each_attack_beyond_the_bound_and_passes_within():
@@ -221,10 +271,74 @@ def test_masked_gradients_show_as_zero_gradients_and_square_beating_white_box(im
 # --------------------------------------------------------------------------------------------- bad input
 
 
-def test_white_box_attacks_on_an_exported_artifact_are_refused_with_what_to_use(runners, images):
-    with pytest.raises(ConfigError, match="pgd_sat need gradients") as refusal:
-        verify(runners["onnx"], *images, attacks=["square", "pgd_sat"], reference=runners["pt"], eps=EPS)
-    assert "transfer_pgd" in str(refusal.value) and "square" in str(refusal.value)
+def test_an_artifact_with_an_op_the_twin_cannot_emulate_skips_white_box_with_one_warning(runners, images, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx(tmp_path / "leaky.onnx")))
+    model.graph.node[1].op_type = "LeakyRelu"  # an op rslad-edge never exports
+    model.graph.node[1].name = "act"
+    onnx.save(model, str(tmp_path / "leaky.onnx"))
+    x, y = images
+    report = verify(load_runner(tmp_path / "leaky.onnx", "cpu", threads=1), x, y, attacks="pgd_sat,divergence,square",
+                    eps=EPS, square_queries=10, reference=runners["pt"])
+    assert "pgd_sat" not in report.robust_acc and "square" in report.robust_acc  # black-box still runs
+    assert "pgd_sat" in report.reference.robust_acc  # the checkpoint's column: its worst case stays its own
+    skipped = [w for w in report.warnings if "skipped" in w]
+    assert skipped == ["leaky.onnx: pgd_sat, divergence skipped: the twin of leaky.onnx cannot emulate op LeakyRelu "
+                       "(node act); the other columns still ran"]
+    assert report.to_json()["twin_unavailable"].endswith("cannot emulate op LeakyRelu (node act)")
+    assert report.drop_pp("pgd_sat") is None and report.divergence is None
+
+
+class WrongTwinRunner(RecordingRunner):
+    """The int8 export, but its twin reads every per-channel weight scale wrongly (scaled by 0.3 to 3)."""
+
+    def twin(self) -> OnnxTwin:
+        import onnx
+        from onnx import numpy_helper
+
+        model = onnx.load(self.path)
+        rng = np.random.default_rng(0)
+        for initializer in model.graph.initializer:
+            if initializer.name.endswith("weight_scale"):
+                scale = numpy_helper.to_array(initializer)
+                wrong = scale * rng.uniform(0.3, 3.0, scale.shape).astype(np.float32)
+                initializer.CopyFrom(numpy_helper.from_array(wrong, initializer.name))
+        return OnnxTwin(model, source=self.path)
+
+
+def test_a_deliberately_wrong_int8_twin_is_caught_by_the_agreement_check(runners, images):
+    x, y = images
+    report = verify(WrongTwinRunner(runners["int8"]), x, y, attacks="pgd_sat,square", eps=EPS, square_queries=10)
+    assert not report.artifact.twin.trusted and report.artifact.twin.agreement < 0.99
+    assert any("twin agrees with it on only" in w and "upper bounds" in w for w in report.warnings)
+    assert report.to_json()["twin"]["trusted"] is False
+    honest = verify(runners["int8"], x, y, attacks="pgd_sat", eps=EPS)
+    assert honest.artifact.twin.trusted and not any("twin" in w for w in honest.warnings)
+
+
+def test_autoattack_runs_on_the_twin_and_is_judged_by_the_artifact(runners, images):
+    x, y = images
+    report = verify(runners["int8"], x[:16], y[:16], attacks="pgd_sat,autoattack", eps=EPS, batch_size=16)
+    assert report.attack_details["autoattack"].artifact_gradients == "twin"
+    assert report.robust_acc["autoattack"] <= report.robust_acc["pgd_sat"] < report.clean_acc
+
+
+def test_divergence_counts_where_the_artifact_is_fooled_and_the_float_model_is_not():
+    artifact = _result([1, 1, 1, 1], divergence=[0, 0, 1, 1])
+    stats = DivergenceStats(both_correct=4, artifact_fooled=2, artifact_fooled_float_not=1, float_fooled=1)
+    assert stats.rate == 0.25 and stats.to_json()["artifact_fooled_float_not"] == 1
+    report = VerifyReport(artifact, None, ["divergence"], n=4, eps=EPS, seed=0, divergence=stats)
+    assert report.to_json()["divergence"]["rate"] == 0.25 and report.worst_case_acc == 0.5
+
+
+def test_a_reference_of_another_architecture_is_refused_naming_both(runners, images):
+    other_arch = RecordingRunner(runners["onnx"])
+    other_arch.metadata = {"arch": "mobilenetv2"}
+    with pytest.raises(ConfigError, match="--reference student.pt is a smallcnn but student.onnx is a mobilenetv2"):
+        verify(other_arch, *images, reference=runners["pt"], attacks="square", eps=EPS)
+    with pytest.raises(ConfigError, match="is not the architecture of other.onnx"):
+        verify(runners["other"], *images, reference=runners["pt"], attacks="square", eps=EPS)
 
 
 def test_unknown_attack_names_the_close_one_and_lists_all():
@@ -239,7 +353,7 @@ def test_unknown_attack_names_the_close_one_and_lists_all():
     [
         ({"square_queries": 0}, "--square-queries must be at least 1, got 0"),
         ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
-        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, got 'fast'"),
+        ({"aa_version": "fast"}, "--aa-version must be one of standard, plus, rand, apgd, got 'fast'"),
         ({"eps": 8}, "write --eps 8/255"),
     ],
 )
@@ -255,12 +369,15 @@ def test_eps_in_grey_levels_is_refused_with_the_fraction_to_write(runners, image
         verify(runners["pt"], *images, attacks=["fgsm"], eps=8)
 
 
-def test_transfer_without_a_source_says_what_to_pass_and_the_default_falls_back_to_square(runners, images):
+def test_transfer_without_a_source_says_what_to_pass_and_the_default_is_white_box_and_square(runners, images):
     x, y = images
     with pytest.raises(ConfigError, match="--reference CKPT"):
         verify(runners["onnx"], x, y, attacks=["transfer_cw"], eps=EPS)
+    with pytest.raises(ConfigError, match="divergence needs the float model"):
+        verify(runners["onnx"], x, y, attacks=["divergence"], eps=EPS)
     report = verify(runners["onnx"], x[:8], y[:8], eps=EPS, square_queries=5)
-    assert report.attacks == ["square"] and "transfer_pgd and transfer_cw were skipped" in report.notes[0]
+    assert report.attacks == list(CHECKPOINT_DEFAULT_ATTACKS)  # white-box (on the twin) and Square
+    assert "transfer_pgd, transfer_cw, divergence were skipped" in report.notes[0]
 
 
 def test_images_of_another_size_are_refused_naming_both_shapes(runners):
@@ -287,11 +404,14 @@ def test_n_beyond_the_test_set_is_clipped_and_said(runners):
 def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_reads(files, tmp_path):
     out = tmp_path / "verify" / "student.json"
     result = cli.invoke(app, ["verify", str(files["onnx"]), "--reference", str(files["pt"]), "--n", "32",
-                              "--eps", "1/255", "--square-queries", "20", "--threads", "1", "--json", str(out),
-                              "--max-drop", "5"], terminal_width=200)
+                              "--eps", "1/255", "--attacks", ",".join(SUITE), "--square-queries", "20",
+                              "--threads", "1", "--json", str(out), "--max-drop", "5"], terminal_width=200)
     assert result.exit_code == 0, result.output
     text = _text(result.output)
-    for expected in ("transfer_pgd", "transfer_cw", "square", "worst case", "drop (pp)", "queries/s", "gate passed"):
+    for expected in ("pgd_sat", "transfer_pgd", "transfer_cw", "divergence", "square", "worst case", "drop (pp)",
+                     "queries/s", "gate passed", "crafted on the artifact's differentiable twin",
+                     "judged by onnxruntime", "twin agreement 100.0% top-1 on 32 images",
+                     "fooled where the float reference is not"):
         assert expected in text, expected
     # Each transfer row says what it was crafted on, and the caption what that means for comparing with the paper.
     assert text.count("from student.pt (reference)") == 2
@@ -301,22 +421,36 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
                  "role": "reference"}
     for transfer in ("transfer_pgd", "transfer_cw"):
         assert record["attack_details"][transfer]["crafted_on"] == [reference]
-    assert record["attack_details"]["square"] == {"family": "query", "preset": "square"}
+    assert record["attack_details"]["square"] == {"family": "query", "preset": "square",
+                                                  "judged_by": "onnxruntime (CPUExecutionProvider)"}
     assert ISSUE_KEYS <= set(record) and record["n"] == 32 and record["config"]["dataset"] == "shapes"
-    assert set(record["robust_acc"]) == set(EXPORTED_DEFAULT_ATTACKS) == set(record["reference"]["robust_acc"])
+    assert set(record["robust_acc"]) == set(SUITE)
+    assert set(record["reference"]["robust_acc"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw", "square"}
+    assert record["twin"]["agreement"] == 1.0 and record["divergence"]["both_correct"] > 0
     assert record["sha256"] == sha256_file(files["onnx"]) and record["queries"]["budget"] == 20
+    queries = record["queries"]  # Square's queries per image, and the setting it ran with
+    assert queries["schedule"] == "budget" and 1 <= queries["median"] <= 21 and queries["mean"] <= 21
     found = find_accuracies([(files["onnx"], record["sha256"])], [out])
     assert found.warnings == [] and found.by_sha256[record["sha256"]].robust_acc == record["worst_case_acc"]
 
 
 def test_cli_gate_exits_3_naming_the_attack_and_0_within(files):
-    args = ["verify", str(files["other"]), "--reference", str(files["pt"]), "--dataset", "shapes", "--n", "24",
+    args = ["verify", str(files["weak"]), "--reference", str(files["pt"]), "--dataset", "shapes", "--n", "24",
             "--eps", "1/255", "--attacks", "square", "--square-queries", "10", "--threads", "1"]
     failed = cli.invoke(app, [*args, "--max-drop", "5"], terminal_width=200)
     assert failed.exit_code == 3, failed.output
-    assert "dropped by more than 5 points" in _text(failed.output) and "square" in _text(failed.output)
+    assert "dropped by more than 5 points" in _text(failed.output) and "worst_case" in _text(failed.output)
     passed = cli.invoke(app, [*args, "--max-drop", "100"], terminal_width=200)
     assert passed.exit_code == 0 and "gate passed" in passed.output
+
+
+def test_cli_reference_of_another_architecture_is_one_line_exit_1_and_writes_nothing(files, tmp_path):
+    out = tmp_path / "other.json"
+    result = cli.invoke(app, ["verify", str(files["other"]), "--reference", str(files["pt"]), "--dataset", "shapes",
+                              "--n", "8", "--attacks", "square", "--json", str(out)], terminal_width=250)
+    assert result.exit_code == 1, result.output
+    assert "is not the architecture of other.onnx" in _text(result.output) and "Traceback" not in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -325,7 +459,7 @@ def test_cli_gate_exits_3_naming_the_attack_and_0_within(files):
         (["--attacks", "pgd_sta"], "Did you mean 'pgd_sat'"),
         (["--eps", "8"], "write --eps 8/255"),
         (["--max-drop", "2"], "--max-drop needs --reference"),
-        (["--attacks", "cw"], "need gradients"),
+        (["--attacks", "divergence"], "divergence needs the float model"),
         (["--reference", "missing.pt"], "--reference missing.pt does not exist"),
     ],
 )

@@ -6,6 +6,7 @@ projected onto the eps-ball and clamped to [0, 1]. The caller owns the model's m
 """
 
 from rslad_edge.attacks.autoattack import autoattack
+from rslad_edge.attacks.divergence import divergence, divergence_examples, divergence_objective
 from rslad_edge.attacks.eps import check_eps, parse_eps
 from rslad_edge.attacks.evaluate import (
     AttackOutcome,
@@ -35,6 +36,9 @@ __all__ = [
     "autoattack",
     "check_eps",
     "cw_margin_loss",
+    "divergence",
+    "divergence_examples",
+    "divergence_objective",
     "evaluate_attack",
     "fgsm",
     "get_attack",

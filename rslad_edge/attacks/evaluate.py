@@ -143,7 +143,7 @@ def evaluate_attack(
             return AttackOutcome(robust, queries)
         result = square(
             model_fn, x[to_attack].to(device), y_cpu[to_attack].to(device), eps=eps, n_queries=spec.n_queries,
-            p_init=spec.p_init, seed=spec.seed, progress=progress,
+            p_init=spec.p_init, seed=spec.seed, progress=progress, schedule=spec.square_schedule,
         )
         robust[to_attack] &= predict(result.x_adv) == y_cpu[to_attack]  # re-judged: what the model says, not Square
         queries[to_attack] = result.queries

@@ -79,6 +79,27 @@ def pgd(
     if random_start not in RANDOM_STARTS:
         raise ConfigError(f"unknown random start {random_start!r}; choose one of {', '.join(RANDOM_STARTS)}.")
 
+    def objective(x_adv: torch.Tensor) -> torch.Tensor:
+        return attack_loss(model_fn(x_adv), y, loss, target_probs=target_probs, cw_confidence=cw_confidence)
+
+    return ascend(objective, x, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
+                  generator=generator, clamp_start=clamp_start)
+
+
+def ascend(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    random_start: str = "uniform",
+    generator: torch.Generator | None = None,
+    clamp_start: bool = True,
+) -> torch.Tensor:
+    """The PGD loop itself, on any scalar ``objective(x_adv)``: signed steps of ``step_size``, each projected onto the
+    eps-ball around ``x`` and clamped to [0, 1]. :func:`pgd` ascends a loss of one model; the divergence attack
+    (:mod:`rslad_edge.attacks.divergence`) ascends a function of two. Arguments as in :func:`pgd` (checked there)."""
     x = x.detach()
     if eps == 0:
         return x.clone()
@@ -91,8 +112,7 @@ def pgd(
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            objective = attack_loss(model_fn(x_adv), y, loss, target_probs=target_probs, cw_confidence=cw_confidence)
-            (input_grad,) = torch.autograd.grad(objective, [x_adv])
+            (input_grad,) = torch.autograd.grad(objective(x_adv), [x_adv])
             x_adv = x_adv.detach() + step_size * input_grad.sign()
             # min/max against the ball clipped to [0, 1] = project onto the eps-ball, then clamp to [0, 1].
             x_adv = torch.min(torch.max(x_adv, lower), upper)

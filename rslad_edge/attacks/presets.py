@@ -7,7 +7,8 @@
 | ``pgd_trades`` | PGD-20, 0.003, uniform start, CE | TRADES ``pgd_attack_cifar10.py``; RSLAD's per-epoch check (1) |
 | ``cw`` | PGD-20, 2/255, uniform start, CW margin κ=50 | CAT/FAT/IAD ``cwloss`` + "Madry" (uniform) start |
 | ``autoattack`` | AutoAttack standard | official ``pyautoattack`` |
-| ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row |
+| ``square`` | Square L-inf, 5000 queries, p_init 0.8 | RSLAD black-box row (schedule: see ``square.py``) |
+| ``divergence`` | PGD-20, 2/255, uniform start, on DIVA's float-vs-edge objective | DIVA (Hao et al. 2022) |
 
 (1) RSLAD's training scripts select checkpoints with ``attack_pgd(attack_iters=20, step_size=0.003)``.
 (2) RSLAD.md names FGSM without its settings, and the authors' repository (zibojia/RSLAD) has no evaluation
@@ -35,8 +36,8 @@ from rslad_edge.attacks.losses import CW_CONFIDENCE, LOSS_NAMES
 from rslad_edge.attacks.pgd import RANDOM_STARTS, ModelFn, pgd
 from rslad_edge.errors import ConfigError, unknown_name_error
 
-AttackKind = Literal["fgsm", "pgd", "square", "autoattack"]
-ATTACK_KINDS: tuple[str, ...] = ("fgsm", "pgd", "square", "autoattack")
+AttackKind = Literal["fgsm", "pgd", "square", "autoattack", "divergence"]
+ATTACK_KINDS: tuple[str, ...] = ("fgsm", "pgd", "square", "autoattack", "divergence")
 WHITE_BOX_KINDS: tuple[str, ...] = ("fgsm", "pgd")
 
 
@@ -58,6 +59,7 @@ class AttackSpec:
     cw_confidence: float = CW_CONFIDENCE
     n_queries: int = 5000
     p_init: float = 0.8
+    square_schedule: str = "budget"  # "budget": p schedule compressed to n_queries; "paper": fixed for 10,000
     version: str = "standard"
     seed: int = 0
     description: str = ""
@@ -75,7 +77,7 @@ class AttackSpec:
             raise ConfigError(
                 f"{where}: unknown random_start {self.random_start!r}; choose one of {', '.join(RANDOM_STARTS)}."
             )
-        if self.kind == "pgd":
+        if self.kind in ("pgd", "divergence"):
             if self.steps < 1:
                 raise ConfigError(f"{where}: PGD needs steps >= 1, got {self.steps}.")
             if self.step_size is None:
@@ -84,6 +86,8 @@ class AttackSpec:
             check_eps(self.step_size, name=f"{where} step_size")
         if self.kind == "square" and self.n_queries < 1:
             raise ConfigError(f"{where}: n_queries must be >= 1, got {self.n_queries}.")
+        if self.square_schedule not in ("budget", "paper"):
+            raise ConfigError(f"{where}: square_schedule must be budget or paper, got {self.square_schedule!r}.")
 
     @property
     def is_white_box(self) -> bool:
@@ -108,7 +112,12 @@ ATTACK_PRESETS: dict[str, AttackSpec] = {
             description="CW-inf: 20 PGD steps of 2/255 on the CW margin loss (confidence 50), uniform start",
         ),
         AttackSpec("autoattack", "autoattack", version="standard", description="AutoAttack standard (official)"),
-        AttackSpec("square", "square", n_queries=5000, p_init=0.8, description="Square, 5000 queries, p_init 0.8"),
+        AttackSpec("square", "square", n_queries=5000, p_init=0.8,
+                   description="Square, 5000 queries, p_init 0.8, p schedule compressed to the budget"),
+        AttackSpec(
+            "divergence", "divergence", steps=20, step_size=2 / 255, random_start="uniform",
+            description="divergence (DIVA): PGD-20 of 2/255 on p_float(y) - p_edge(y), uniform start",
+        ),
     )
 }
 

@@ -66,7 +66,8 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per artifact: size, accuracies, drop against the checkpoint (as verify measured it), latency."""
     attacks = _attack_names([entry for _, entry in data["artifacts"] if entry is not None])
     header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks], "worst case %",
-              "drop vs .pt (pp)", "p50 ms (b=1)", "p99 ms (b=1)", "img/s (largest batch)"]
+              "drop vs .pt (pp)", "twin agreement %", "fooled, .pt not %", "p50 ms (b=1)", "p99 ms (b=1)",
+              "img/s (largest batch)"]
     bench_rows = data["bench"].get("results", [])
     rows = []
     for artifact, entry in data["artifacts"]:
@@ -80,6 +81,7 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _pct(entry.clean_acc if entry else None),
             *[_pct(entry.robust_acc.get(a) if entry else None) for a in attacks],
             _pct(entry.worst_case_acc if entry else None), "–" if drop is None else f"{drop:+.1f}",
+            _pct(entry.twin_agreement if entry else None), _pct(entry.divergence_rate if entry else None),
             _ms(smallest.get("p50_ms")), _ms(smallest.get("p99_ms")),
             "–" if not largest else f"{largest['images_per_s']:.0f} (b={largest['batch']})",
         ])
@@ -196,7 +198,10 @@ def write_report(record: RunRecord, sections: dict[str, Any]) -> tuple[Path, Pat
     figures_dir = out / "report_files"
     md = [f"# rslad-edge report: {out.name}", "", f"Written {stamp}. Stage times: {', '.join(stage_lines) or '–'}.",
           "", "## Artifacts", "", "Accuracies on the verify sample; drop = worst case of the checkpoint minus the "
-          "artifact's, on the same images.", "", _md_table(summary_header, summary_rows), "", "## Gates", ""]
+          "artifact's, on the same images. Every artifact faces the same white-box columns: an export through its "
+          "differentiable twin (twin agreement: how often it predicts what the export predicts), judged by the "
+          "export's own runtime. fooled, .pt not: the divergence attack's success, of the images both got right.", "",
+          _md_table(summary_header, summary_rows), "", "## Gates", ""]
     md += [f"- {line}" for line in gates]
     if warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
@@ -226,7 +231,9 @@ def write_report(record: RunRecord, sections: dict[str, Any]) -> tuple[Path, Pat
 <p class="muted">Written {stamp}. Stage times: {html.escape(', '.join(stage_lines) or '–')}.</p>
 <h2>Artifacts</h2>
 <p class="muted">Accuracies on the verify sample; drop = worst case of the checkpoint minus the artifact's, on the same
-images.</p>
+images. Every artifact faces the same white-box columns: an export through its differentiable twin (twin agreement: how
+often it predicts what the export predicts), judged by the export's own runtime. fooled, .pt not: the divergence
+attack's success, of the images both got right.</p>
 {_html_table(summary_header, summary_rows, "artifacts")}
 <h2>Gates</h2><ul>{gate_html}</ul>
 {f"<h2>Warnings</h2><ul>{warn_html}</ul>" if warnings else ""}

@@ -170,6 +170,8 @@ def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
                 drop_pp=report.drop_pp(WORST_CASE_ROW), drop_ci95_pp=report.drop_ci95_pp(WORST_CASE_ROW),
                 reference_sha256=None if is_student else student.sha256,
                 gate=GateVerdict(**gate) if gate is not None else None, warnings=list(report.warnings),
+                twin_agreement=report.artifact.twin.agreement if report.artifact.twin is not None else None,
+                divergence_rate=report.divergence.rate if report.divergence is not None else None,
             ))
         return [entry.json_path for entry in record.verify]
 

@@ -1,5 +1,8 @@
 """One way to run any artifact: ``load_runner(path)`` picks the backend from the file and returns a Runner.
 
+An exported Runner (ONNX Runtime, TensorRT) also offers ``twin()``: a differentiable torch module that computes what
+the artifact computes (:mod:`rslad_edge.runtime.twin`), so white-box attacks can be crafted for it.
+
 Verify and bench take a Runner, never a path, so one attack and one timing loop serve a PyTorch checkpoint, an ONNX
 model (ONNX Runtime on CPU / CUDA / TensorRT), its ORT-format form (``.ort``, ONNX Runtime Mobile), an ExecuTorch
 program (``.pte``) and a TensorRT engine alike. TensorRT, CUDA and ExecuTorch are imported only by the backend that
@@ -16,6 +19,15 @@ from rslad_edge.runtime.inputs import check_input
 from rslad_edge.runtime.metadata import decode_props, encode_props, read_sidecar, sidecar_path
 from rslad_edge.runtime.onnx_runner import ORT_FORMAT_SUFFIXES, OnnxRunner, choose_provider
 from rslad_edge.runtime.torch_runner import TorchRunner
+from rslad_edge.runtime.twin import (
+    MIN_TWIN_AGREEMENT,
+    TWIN_OPS,
+    OnnxTwin,
+    TwinAgreement,
+    TwinUnavailableError,
+    onnx_twin,
+    twin_agreement,
+)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 ONNX_SUFFIXES = (".onnx",)
@@ -34,6 +46,7 @@ def load_runner(
     threads: int | None = None,
     precision: str = "fp32",
     batch_size: int | None = None,
+    spinning: bool = True,
 ) -> Runner:
     """Open ``path`` with the backend its suffix names.
 
@@ -62,7 +75,8 @@ def load_runner(
         raise ConfigError(f"--precision {precision} applies to checkpoints; '{path}' runs at the precision it was "
                           "exported with")
     if suffix in ONNX_SUFFIXES + ORT_FORMAT_SUFFIXES:
-        return OnnxRunner(path, device=device, provider=provider, threads=threads, batch_size=batch_size)
+        return OnnxRunner(path, device=device, provider=provider, threads=threads, batch_size=batch_size,
+                          spinning=spinning)
     if suffix in EXECUTORCH_SUFFIXES:
         from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
 
@@ -86,16 +100,23 @@ __all__ = [
     "ENGINE_SUFFIXES",
     "EXECUTORCH_SUFFIXES",
     "KNOWN_SUFFIXES",
+    "MIN_TWIN_AGREEMENT",
     "ONNX_SUFFIXES",
     "ORT_FORMAT_SUFFIXES",
+    "TWIN_OPS",
     "OnnxRunner",
+    "OnnxTwin",
     "Runner",
     "TorchRunner",
+    "TwinAgreement",
+    "TwinUnavailableError",
     "check_input",
     "choose_provider",
     "decode_props",
     "encode_props",
     "load_runner",
+    "onnx_twin",
     "read_sidecar",
     "sidecar_path",
+    "twin_agreement",
 ]

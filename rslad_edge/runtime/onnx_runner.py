@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rslad_edge.errors import ConfigError, ExportError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
 from rslad_edge.runtime.onnx_info import inspect_onnx, inspect_ort_session
+
+if TYPE_CHECKING:
+    from rslad_edge.runtime.twin import OnnxTwin
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +84,10 @@ class OnnxRunner:
         provider: str | None = None,
         threads: int | None = None,
         batch_size: int | None = None,
+        spinning: bool = True,
     ) -> None:
+        """``spinning=False``: ONNX Runtime's threads sleep as soon as a run ends instead of spinning for the next
+        one; right where other work runs between calls (verify's attacks), wrong for a latency loop (bench)."""
         import onnxruntime as ort
 
         self.path = str(path)
@@ -104,6 +110,9 @@ class OnnxRunner:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: ORT's own warnings go to stderr outside our logging
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(
                 self.path, sess_options=options, providers=self._provider_list(requested, device_id, batch_size)
@@ -126,6 +135,8 @@ class OnnxRunner:
                 f"the CUDA / TensorRT libraries ONNX Runtime needs); use --device cpu to run on the CPU on purpose"
             )
         self.threads = threads
+        # Where this model's twin runs (verify's white-box attacks): the GPU the session uses, else the CPU.
+        self.device = "cpu" if self.provider == PROVIDERS["cpu"] else f"cuda:{device_id}"
 
         self.batch_size = self.static_batch or batch_size or DEFAULT_MAX_BATCH
         if info.num_classes is not None:
@@ -174,6 +185,13 @@ class OnnxRunner:
             out = self.session.run([self.output_name], {self.input_name: batch})[0]
             logits[part] = out[: part.stop - part.start]
         return logits
+
+    def twin(self) -> OnnxTwin:
+        """The differentiable twin of this model (:mod:`rslad_edge.runtime.twin`): its own graph, weights, scales
+        and zero points as torch ops; TwinUnavailableError naming an op it cannot emulate."""
+        from rslad_edge.runtime.twin import onnx_twin
+
+        return onnx_twin(self.path)
 
     def __repr__(self) -> str:
         return f"OnnxRunner({self.path!r}, {self.precision}, {self.provider})"

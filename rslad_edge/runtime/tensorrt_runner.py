@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
 from rslad_edge.runtime.inputs import batch_slices, check_input, pad_batch
 from rslad_edge.runtime.metadata import read_sidecar
+
+if TYPE_CHECKING:
+    from rslad_edge.runtime.twin import OnnxTwin
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +128,13 @@ class TensorRTRunner:
             _ = device_input  # keep the input buffer alive as long as the callable
 
         return enqueue, device_output
+
+    def twin(self) -> OnnxTwin:
+        """The twin of the ONNX this engine was built from (an engine's own weights are not readable; its sidecar
+        names the ONNX and its hash)."""
+        from rslad_edge.runtime.twin import built_from_onnx_twin
+
+        return built_from_onnx_twin(self.path, self.metadata)
 
     def __repr__(self) -> str:
         return f"TensorRTRunner({self.path!r}, {self.precision}, {self.provider})"

@@ -5,6 +5,9 @@
 - Zero input gradients on a model that white-box or transfer attacks differentiate: a saturated softmax or a
   non-differentiable op (rounding, quantization) leaves PGD nothing to follow, so its robust accuracy is an upper
   bound and nothing more.
+- A differentiable twin that disagrees with its artifact (below 99 % top-1 on the verify images): the white-box
+  columns crafted on it search with another model's gradients, so they are upper bounds, not the artifact's
+  white-box robustness.
 - A black-box attack beating the white-box ones on the same model: with honest gradients a white-box attack is at
   least as strong, so this is the classic sign of gradient masking (threshold: AutoAttack's 0.2 points, or the
   paired 95 % interval when that is wider).
@@ -23,6 +26,7 @@ import torch
 
 from rslad_edge.attacks import attack_loss
 from rslad_edge.attacks.autoattack import AUTOATTACK_LOGGER
+from rslad_edge.runtime.twin import TwinAgreement
 from rslad_edge.verify.targets import Model
 
 PROBABILITY_TOLERANCE = 1e-3  # int8 / fp16 outputs of a softmax sum to 1 only up to rounding
@@ -39,6 +43,16 @@ def probability_output_warning(model: Model, logits: torch.Tensor) -> str | None
         return (f"{model.label}: its outputs look like probabilities (every row in [0, 1], summing to 1), not "
                 "logits: attack losses and margins on probabilities understate robustness; export the logits")
     return None
+
+
+def untrusted_twin_warning(label: str, agreement: TwinAgreement) -> str | None:
+    """A warning when the twin that crafts an artifact's white-box attacks predicts other classes than the artifact."""
+    if agreement.trusted:
+        return None
+    return (f"{label}: its differentiable twin agrees with it on only {agreement.agreement:.1%} of {agreement.n} "
+            f"images (max |logit difference| {agreement.max_abs_logit_diff:.3g}; trusted from "
+            f"{agreement.threshold:.0%}): the white-box columns are crafted on gradients of another function, so "
+            "they are upper bounds; the twin does not compute what the artifact computes")
 
 
 def zero_gradient_warning(model: Model, x: torch.Tensor, y: torch.Tensor) -> str | None:

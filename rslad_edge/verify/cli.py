@@ -16,7 +16,7 @@ from rich.table import Table
 
 from rslad_edge.console import console, err_console
 from rslad_edge.verify.report import CLEAN_ROW, WORST_CASE_ROW, AttackDetail, VerifyReport
-from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, EXPORTED_DEFAULT_ATTACKS, VERIFY_ATTACKS
+from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, VERIFY_ATTACKS
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
 
@@ -49,7 +49,10 @@ def results_table(report: VerifyReport) -> Table:
         title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
         f"L-inf eps {eps_text(report.eps)}; accuracy in %"
-        + ("; drop = reference - artifact in points, ± its paired 95% interval" if report.reference else "")
+        + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
+           "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
+           if report.reference else "")
+        + _gradients_caption(report)
         + _transfer_caption(report)
         + "".join(f"\n[yellow]warning:[/] {escape(warning)}" for warning in report.warnings),
         caption_justify="left",
@@ -95,6 +98,35 @@ def _add_transfer_sources(table: Table, report: VerifyReport, row: str, detail: 
         table.add_row(*sub, "", style="dim")
 
 
+def _gradients_caption(report: VerifyReport) -> str:
+    """What crafted the artifact's white-box columns (its own gradients or its twin's, and how well the twin agrees)
+    and what judged them (always the artifact's runtime)."""
+    result = report.artifact
+    white_box = [name for name, detail in report.attack_details.items() if detail.family in ("white-box", "divergence")]
+    if not white_box:
+        return ""
+    judged = f"judged by {result.info.backend}"
+    if result.gradients == "twin" and result.twin is not None:
+        twin = result.twin
+        verdict = "" if twin.trusted else " [red](below the trusted threshold: upper bounds only)[/]"
+        return (f"\n{', '.join(white_box)}: crafted on the artifact's differentiable twin (its own graph, weights and "
+                f"quantization), {judged}; twin agreement {twin.agreement:.1%} top-1 on {twin.n} images, max "
+                f"|logit difference| {twin.max_abs_logit_diff:.3g}{verdict}")
+    if result.gradients == "own":
+        return f"\n{', '.join(white_box)}: crafted on the model's own gradients, {judged}"
+    return ""
+
+
+def divergence_line(report: VerifyReport) -> str | None:
+    """How often the divergence attack fooled the artifact while the float model stayed right."""
+    stats = report.divergence
+    if stats is None:
+        return None
+    return (f"divergence: {report.artifact.info.precision} artifact fooled where the float reference is not on "
+            f"{stats.artifact_fooled_float_not} of {stats.both_correct} images both classify correctly "
+            f"({stats.rate:.1%}); artifact fooled on {stats.artifact_fooled}, reference on {stats.float_fooled}")
+
+
 def _transfer_caption(report: VerifyReport) -> str:
     """Said under the table when a transfer column was crafted on the reference, so that no one reads it as the
     paper's black-box transfer row (crafted on a separate robust ResNet-50)."""
@@ -115,9 +147,10 @@ def square_lines(report: VerifyReport) -> list[str]:
         if stats is None:
             continue
         share = stats.runtime_seconds / stats.seconds if stats.seconds else 0.0
-        lines.append(f"square on the {role}: {stats.total:,} queries on {stats.attacked} images (mean {stats.mean:.0f}"
-                     f", budget {stats.budget}) in {stats.seconds:.1f} s = {stats.per_second:,.0f} queries/s, "
-                     f"{share:.0%} of it inside {result.info.backend}")
+        lines.append(f"square on the {role}: {stats.total:,} queries on {stats.attacked} images (per image: mean "
+                     f"{stats.mean:.0f}, median {stats.median:.0f}; budget {stats.budget}, {stats.schedule} schedule"
+                     f") in {stats.seconds:.1f} s = {stats.per_second:,.0f} queries/s, {share:.0%} of it inside "
+                     f"{result.info.backend}")
     return lines
 
 
@@ -154,9 +187,14 @@ def verify_command(
     n: Annotated[int, typer.Option("--n", help="Seeded test images to verify on (clipped to the test set).")] = 1000,
     attacks: Annotated[str | None, typer.Option(
         help=f"Comma-separated, from: {', '.join(VERIFY_ATTACKS)}. \\[default: {','.join(CHECKPOINT_DEFAULT_ATTACKS)} "
-        f"for a checkpoint, {','.join(EXPORTED_DEFAULT_ATTACKS)} for an exported artifact]")] = None,
+        "for every artifact, plus transfer_pgd,transfer_cw with a --reference or --source and divergence with a "
+        "--reference]")] = None,
     eps: Annotated[str, typer.Option(help="L-inf budget in pixel units: 8/255 or 0.031.")] = "8/255",
     square_queries: Annotated[int, typer.Option(help="Square's queries per image (5000 in the paper).")] = 5000,
+    square_schedule: Annotated[str, typer.Option(
+        help="Square's p schedule: budget (compressed to --square-queries: strongest at 150-5,000 queries, "
+        "measured) or paper (fixed for 10,000 queries, p_init 0.8: the paper's and AutoAttack's setting).")
+    ] = "budget",
     batch_size: Annotated[int, typer.Option(
         help="Images per attack batch and per runtime call (Square sends all images of a query at once).")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the image sample, PGD starts, Square and AutoAttack.")] = 0,
@@ -167,7 +205,9 @@ def verify_command(
     device: Annotated[str, typer.Option(
         help="auto, cpu, cuda[:N] (PyTorch, ONNX Runtime CUDA) or trt[:N] (ONNX Runtime TensorRT).")] = "auto",
     threads: Annotated[int | None, typer.Option(help="Intra-op CPU threads. \\[default: the backend's]")] = None,
-    aa_version: Annotated[str, typer.Option(help="AutoAttack version: standard, plus or rand.")] = "standard",
+    aa_version: Annotated[str, typer.Option(
+        help="AutoAttack version: standard, plus, rand, or apgd (standard's APGD-CE + APGD-T only: a third of the "
+        "cost on a CPU; Square is its own column).")] = "standard",
 ) -> None:
     """Robust accuracy of an artifact, measured on the artifact itself, next to the model it came from.
 
@@ -175,16 +215,17 @@ def verify_command(
 
       rslad-edge verify runs/mnv2/export/student.int8.onnx --reference runs/mnv2/student.pt --max-drop 2
 
-    A checkpoint gets the white-box suite; an exported artifact gets transfer attacks crafted on --reference /
-    --source and the Square attack on its own outputs. A sample counts as robust in the worst case only if it
-    survives every attack. Exit 3 when --max-drop is crossed.
+    Every artifact gets the white-box suite (an exported one through its differentiable twin, judged by its own
+    runtime) and Square; with --reference / --source also transfer attacks and the divergence attack. A sample
+    counts as robust in the worst case only if it survives every attack. Exit 3 when --max-drop is crossed.
     """
     from rslad_edge.verify.run import VerifyConfig, verify_artifact
 
     cfg = VerifyConfig(
         artifact=artifact, reference=reference, sources=source or [], arch=arch, num_classes=num_classes,
         dataset=dataset, data_root=data_root, n=n, attacks=attacks.split(",") if attacks is not None else None,
-        eps=eps, square_queries=square_queries, batch_size=batch_size, seed=seed, json_path=json_out,
+        eps=eps, square_queries=square_queries, square_schedule=square_schedule, batch_size=batch_size, seed=seed,
+        json_path=json_out,
         max_drop=max_drop, device=device, threads=threads, aa_version=aa_version,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -193,7 +234,7 @@ def verify_command(
         report = verify_artifact(cfg, progress=_progress_callback(progress))
 
     console.print(results_table(report))
-    for line in square_lines(report):
+    for line in [*([divergence_line(report)] if report.divergence else []), *square_lines(report)]:
         console.print(line, style="dim", highlight=False, soft_wrap=True)
     for note in report.notes:
         err_console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)

@@ -12,10 +12,23 @@ JSON (accuracies as fractions, drops in points)::
      "reference": {same keys for the reference model} | null,
      "seconds", "queries": {Square on the artifact} | null,
      "drop_pp", "drop_ci95_pp", "attacks", "sources", "attack_details", "attack_seconds", "transfer_sources",
-     "runtime_seconds", "warnings", "notes", "config", "versions"}
+     "runtime_seconds", "gradients", "twin", "twin_unavailable", "divergence", "warnings", "notes", "config",
+     "versions"}
 
-``attack_details`` names, per attack, its family and preset and, for each transfer column, the models its examples
-were crafted on (``crafted_on``: label, artifact path, sha256, role ``reference`` or ``source``).
+``attack_details`` names, per attack, its family and preset, whose gradients crafted it on the artifact
+(``artifact_gradients``: ``own``, ``twin``, or null where it did not run) and what judged it (``judged_by``: always
+the artifact's own runtime), and for each transfer column the models its examples were crafted on (``crafted_on``:
+label, artifact path, sha256, role ``reference`` or ``source``).
+
+``twin``: the differentiable twin's agreement with the artifact on the verify images (``agreement``,
+``max_abs_logit_diff``, ``trusted``: at least ``threshold``), null for a checkpoint (its own gradients);
+``twin_unavailable``: why an exported artifact has no twin (then its white-box columns are missing).
+``divergence``: of the images both the artifact and the float reference classify correctly, how many the divergence
+attack made the artifact get wrong while the float model stays right (``artifact_fooled_float_not``).
+
+Drops: per row, reference minus artifact where both faced the attack; the worst case always (the reference's worst
+case over what it faced: white-box, Square, and transfer from other sources, which is the checkpoint's own worst
+case, against the artifact's over everything it faced).
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from typing import Any
 import torch
 
 from rslad_edge.errors import ConfigError, GateFailedError
+from rslad_edge.runtime.twin import TwinAgreement
 from rslad_edge.verify.targets import ArtifactInfo
 
 CLEAN_ROW, WORST_CASE_ROW = "clean", "worst_case"
@@ -43,6 +57,9 @@ class QueryStats:
     budget: int  # --square-queries
     seconds: float  # wall time of the attack on this model
     runtime_seconds: float  # of which inside the backend's predict
+    median: float = 0.0  # queries per attacked image
+    schedule: str = "budget"  # Square's p schedule (budget | paper)
+    p_init: float = 0.8
 
     @property
     def mean(self) -> float:
@@ -53,7 +70,8 @@ class QueryStats:
         return self.total / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "attacked": self.attacked, "mean": round(self.mean, 2), "budget": self.budget,
+        return {"total": self.total, "attacked": self.attacked, "mean": round(self.mean, 2), "median": self.median,
+                "budget": self.budget, "schedule": self.schedule, "p_init": self.p_init,
                 "seconds": round(self.seconds, 3), "per_s": round(self.per_second, 1),
                 "runtime_seconds": round(self.runtime_seconds, 3)}
 
@@ -77,19 +95,43 @@ class AttackDetail:
     on (a transfer column means nothing without them: crafted on the reference, it is the float model's own
     white-box attack, not the paper's transfer row crafted on a separate robust ResNet-50)."""
 
-    family: str  # white-box | transfer | query
+    family: str  # white-box | transfer | divergence | query
     preset: str  # the attack preset run (on the model itself, or on each source); its budgets are in "config"
     crafted_on: tuple[TransferSource, ...] = ()  # transfer attacks only
+    artifact_gradients: str | None = None  # white-box / divergence: "own" or "twin" (None: not run on the artifact)
+    judged_by: str = ""  # the runtime whose predictions decide: the artifact's own
 
     @property
     def crafted_on_reference(self) -> bool:
         return any(source.role == "reference" for source in self.crafted_on)
 
     def to_json(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"family": self.family, "preset": self.preset}
+        record: dict[str, Any] = {"family": self.family, "preset": self.preset, "judged_by": self.judged_by}
+        if self.family in ("white-box", "divergence"):
+            record["artifact_gradients"] = self.artifact_gradients
         if self.family == "transfer":
             record["crafted_on"] = [source.to_json() for source in self.crafted_on]
         return record
+
+
+@dataclass(frozen=True)
+class DivergenceStats:
+    """What the divergence attack did on the images both the artifact and the float reference classify correctly."""
+
+    both_correct: int  # images the artifact and the reference both classify correctly (clean)
+    artifact_fooled: int  # of those, the artifact is wrong on the divergence image
+    artifact_fooled_float_not: int  # ... while the float reference is still right: the DIVA outcome
+    float_fooled: int  # the reference is wrong on the divergence image
+
+    @property
+    def rate(self) -> float:
+        """How often the artifact is fooled where the float model is not, among the images both got right."""
+        return self.artifact_fooled_float_not / self.both_correct if self.both_correct else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"both_correct": self.both_correct, "artifact_fooled": self.artifact_fooled,
+                "artifact_fooled_float_not": self.artifact_fooled_float_not, "float_fooled": self.float_fooled,
+                "rate": round(self.rate, 6)}
 
 
 @dataclass
@@ -102,6 +144,9 @@ class ModelResult:
     queries: dict[str, QueryStats] = field(default_factory=dict)  # query attacks only
     per_source: dict[str, dict[str, float]] = field(default_factory=dict)  # transfer attack -> source -> acc
     runtime_seconds: float = 0.0  # wall time inside the backend's predict, whole run
+    gradients: str = "own"  # whose gradients its white-box attacks used: own | twin | none
+    twin: TwinAgreement | None = None  # the twin's agreement with the model, when a twin crafted its attacks
+    twin_error: str | None = None  # why an exported model has no twin
 
     @property
     def clean_acc(self) -> float:
@@ -123,6 +168,10 @@ class ModelResult:
     def worst_case_acc(self) -> float:
         return _mean(self.worst_case_correct)
 
+    def has(self, row: str) -> bool:
+        """Whether this model has a figure for ``row`` (it may not have faced every attack of the table)."""
+        return row in (CLEAN_ROW, WORST_CASE_ROW) or row in self.robust_correct
+
     def flags(self, row: str) -> torch.Tensor:
         if row == CLEAN_ROW:
             return self.clean_correct
@@ -140,6 +189,8 @@ class ModelResult:
             "queries": square.to_json() if square else None,
             "transfer_sources": self.per_source,
             "runtime_seconds": round(self.runtime_seconds, 3),
+            "gradients": self.gradients,
+            "twin": self.twin.to_json() if self.twin is not None else None,
         }
 
 
@@ -160,6 +211,7 @@ class VerifyReport:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    divergence: DivergenceStats | None = None
 
     @property
     def rows(self) -> list[str]:
@@ -179,19 +231,32 @@ class VerifyReport:
         return self.artifact.worst_case_acc
 
     def accuracy(self, row: str, *, reference: bool = False) -> float | None:
+        """The artifact's (or the reference's) accuracy on ``row``; None where that model did not face the attack."""
         result = self.reference if reference else self.artifact
-        return None if result is None else _mean(result.flags(row))
+        if result is None or not result.has(row):
+            return None
+        return _mean(result.flags(row))
+
+    def _compared(self, row: str) -> bool:
+        return self.reference is not None and self.reference.has(row) and self.artifact.has(row)
 
     def drop_pp(self, row: str) -> float | None:
-        """Reference minus artifact accuracy in points (positive: the artifact is worse); None without a reference."""
-        if self.reference is None:
+        """Reference minus artifact accuracy in points (positive: the artifact is worse), on the same images; None
+        without a reference or where one of the two did not face the attack.
+
+        On the worst case: the reference's worst case over what it faced (the checkpoint's own worst case: white-box,
+        Square, transfer from other models) minus the artifact's over everything it faced.
+        """
+        if not self._compared(row):
             return None
+        assert self.reference is not None
         return 100 * (_mean(self.reference.flags(row)) - _mean(self.artifact.flags(row)))
 
     def drop_ci95_pp(self, row: str) -> float | None:
         """Half-width of the 95 % interval of the drop, as a paired difference over the same images (points)."""
-        if self.reference is None or self.n < 2:
+        if not self._compared(row) or self.n < 2:
             return None
+        assert self.reference is not None
         difference = self.reference.flags(row).float() - self.artifact.flags(row).float()  # (N,) in {-1, 0, 1}
         return 100 * 1.96 * float(difference.std(unbiased=True)) / math.sqrt(self.n)
 
@@ -211,8 +276,8 @@ class VerifyReport:
         failed = self.gate_failures(max_drop_pp)
         if failed:
             message = f"dropped by more than {max_drop_pp:g} points against the reference on: " + ", ".join(
-                f"{row} {100 * self.accuracy(row, reference=True):.1f}% -> {100 * self.accuracy(row):.1f}% "
-                f"(-{self.drop_pp(row):.1f} pp)"
+                f"{row} {100 * (self.accuracy(row, reference=True) or 0):.1f}% -> "
+                f"{100 * (self.accuracy(row) or 0):.1f}% (-{self.drop_pp(row):.1f} pp)"
                 for row in failed
             )
         else:
@@ -252,6 +317,10 @@ class VerifyReport:
             "attack_seconds": {name: round(s, 3) for name, s in self.attack_seconds.items()},
             "transfer_sources": artifact["transfer_sources"],
             "runtime_seconds": artifact["runtime_seconds"],
+            "gradients": artifact["gradients"],
+            "twin": artifact["twin"],
+            "twin_unavailable": self.artifact.twin_error,
+            "divergence": self.divergence.to_json() if self.divergence is not None else None,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "config": dict(self.config),

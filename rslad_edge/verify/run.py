@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rslad_edge.attacks.square import DEFAULT_SCHEDULE
 from rslad_edge.data import ImageSet, dataset_for_model, load_dataset, subset, to_float
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
@@ -38,6 +39,7 @@ class VerifyConfig:
     attacks: list[str] | None = None  # None: white-box suite for a checkpoint, transfer + Square for an export
     eps: float | str = 8 / 255
     square_queries: int = 5000
+    square_schedule: str = DEFAULT_SCHEDULE  # budget | paper
     batch_size: int = 256
     seed: int = 0
     json_path: Path | None = None
@@ -51,7 +53,8 @@ class VerifyConfig:
         self.reference = Path(self.reference) if self.reference is not None else None
         self.sources = [Path(source) for source in self.sources]
         self.eps = check_verify_options(eps=self.eps, square_queries=self.square_queries,
-                                        batch_size=self.batch_size, aa_version=self.aa_version)
+                                        batch_size=self.batch_size, aa_version=self.aa_version,
+                                        square_schedule=self.square_schedule)
         if self.n < 1:
             raise ConfigError(f"--n must be at least 1, got {self.n}")
         if self.threads is not None and self.threads < 1:
@@ -97,7 +100,8 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
     images, notes = load_verify_images(dataset, data_root, cfg.n, cfg.seed, runner)
     report = verify(
         runner, to_float(images.images), images.labels, attacks=cfg.attacks, eps=cfg.eps, reference=reference,
-        sources=sources, square_queries=cfg.square_queries, batch_size=cfg.batch_size, seed=cfg.seed,
+        sources=sources, square_queries=cfg.square_queries, square_schedule=cfg.square_schedule,
+        batch_size=cfg.batch_size, seed=cfg.seed,
         aa_version=cfg.aa_version, progress=progress,
     )
     report.notes = notes + report.notes
@@ -148,8 +152,10 @@ def _open(path: Path, cfg: VerifyConfig) -> Runner:
     device = cfg.device
     if is_checkpoint and device.startswith("trt"):
         device = "cuda" + device[3:]  # the reference and sources run in PyTorch on the GPU TensorRT uses
+    # spinning=False: between two runtime calls verify does attack work on the same cores (Square's bookkeeping,
+    # the twin's gradients); spinning runtime threads would only steal those cores.
     return load_runner(path, device, arch=cfg.arch if bare else None, num_classes=cfg.num_classes if bare else None,
-                       threads=cfg.threads, batch_size=cfg.batch_size)
+                       threads=cfg.threads, batch_size=cfg.batch_size, spinning=False)
 
 
 def _is_self_describing(path: Path) -> bool:

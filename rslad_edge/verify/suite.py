@@ -1,14 +1,19 @@
-"""The attack names verify accepts, what each one runs, and which models it may run against.
+"""The attack names verify accepts, what each one runs, on which model's gradients, and what judges it.
 
-Three families, because an exported artifact has no gradients:
+Every adversarial image is judged by the model being measured, through its own runtime (ONNX Runtime, TensorRT,
+PyTorch): gradients only decide where an attack searches. Four families:
 
-- **white-box**: ``fgsm``, ``pgd_sat``, ``pgd_trades``, ``cw``, ``autoattack``, the RSLAD.md presets run on the
-  model itself; they need its gradients, so a PyTorch model.
-- **transfer**: ``transfer_pgd`` (the PGD-20 of ``pgd_sat``) and ``transfer_cw`` (``cw``), crafted on each source
-  model (the reference by default) and evaluated on the artifact.
-- **query**: ``square`` (5000 queries, p_init 0.8) against the model's own predictions; it needs nothing but logits.
+- **white-box**: ``fgsm``, ``pgd_sat``, ``pgd_trades``, ``cw``, ``autoattack``, the RSLAD.md presets, crafted on the
+  model's own gradients: a checkpoint's, or for an exported artifact its differentiable twin's (its own graph,
+  weights and int8 scales as torch ops, ``runtime/twin.py``).
+- **transfer**: ``transfer_pgd`` (the PGD-20 of ``pgd_sat``) and ``transfer_cw`` (``cw``), crafted on each source model
+  (the reference by default) and judged by the artifact: what an adversary holding the float model can do.
+- **divergence**: ``divergence`` (DIVA), crafted on the float reference and the artifact's twin together, to fool the
+  artifact while the float model stays right; judged by both.
+- **query**: ``square`` against the model's own predictions; it needs nothing but logits.
 
-A PyTorch checkpoint gets the paper's white-box columns by default, an exported artifact transfer + Square.
+By default every artifact, checkpoint or export, gets the same columns: the white-box suite, transfer and divergence
+when there is a float model to craft on (``--reference`` / ``--source``), and Square.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ from typing import Literal
 from rslad_edge.attacks import AttackSpec, get_attack
 from rslad_edge.errors import ConfigError, unknown_name_error
 
-Family = Literal["white-box", "transfer", "query"]
+Family = Literal["white-box", "transfer", "divergence", "query"]
 
 WHITE_BOX_ATTACKS: tuple[str, ...] = ("fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 TRANSFER_PRESETS: dict[str, str] = {"transfer_pgd": "pgd_sat", "transfer_cw": "cw"}  # verify name -> attack preset
+DIVERGENCE_ATTACKS: tuple[str, ...] = ("divergence",)
 QUERY_ATTACKS: tuple[str, ...] = ("square",)
-VERIFY_ATTACKS: tuple[str, ...] = (*WHITE_BOX_ATTACKS, *TRANSFER_PRESETS, *QUERY_ATTACKS)
+VERIFY_ATTACKS: tuple[str, ...] = (*WHITE_BOX_ATTACKS, *TRANSFER_PRESETS, *DIVERGENCE_ATTACKS, *QUERY_ATTACKS)
 
-CHECKPOINT_DEFAULT_ATTACKS: tuple[str, ...] = WHITE_BOX_ATTACKS  # the paper's table columns
-EXPORTED_DEFAULT_ATTACKS: tuple[str, ...] = ("transfer_pgd", "transfer_cw", "square")
+DEFAULT_ATTACKS: tuple[str, ...] = VERIFY_ATTACKS  # each one where it applies (see default_attack_names)
+CHECKPOINT_DEFAULT_ATTACKS: tuple[str, ...] = (*WHITE_BOX_ATTACKS, *QUERY_ATTACKS)  # a checkpoint on its own
+EXPORTED_DEFAULT_ATTACKS: tuple[str, ...] = VERIFY_ATTACKS  # an export with its --reference
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ def get_verify_attack(name: str) -> VerifyAttack:
         return VerifyAttack(key, "transfer", get_attack(TRANSFER_PRESETS[key]))
     if key in WHITE_BOX_ATTACKS:
         return VerifyAttack(key, "white-box", get_attack(key))
+    if key in DIVERGENCE_ATTACKS:
+        return VerifyAttack(key, "divergence", get_attack(key))
     if key in QUERY_ATTACKS:
         return VerifyAttack(key, "query", get_attack(key))
     raise unknown_name_error("attack in --attacks", name, VERIFY_ATTACKS)
@@ -71,18 +80,27 @@ def parse_attacks(names: str | Sequence[str]) -> list[VerifyAttack]:
     return list({attack.name: attack for attack in attacks}.values())
 
 
-def default_attack_names(*, differentiable: bool, has_source: bool) -> tuple[list[str], str | None]:
-    """The default attacks for an artifact, and a note when one had to be left out.
+def checkpoint_attacks(names: str | Sequence[str]) -> list[str]:
+    """The attacks of ``names`` that a checkpoint on its own faces: white-box and query. Transfer and divergence
+    need a float model beside it; on a reference they would only repeat its own white-box attacks."""
+    return [attack.name for attack in parse_attacks(names) if attack.family in ("white-box", "query")]
 
-    A PyTorch model gets the white-box suite. An exported artifact gets transfer + Square; without any source model
-    to craft on, only Square (with a note saying how to add transfer), rather than an error for an option the user
-    never gave.
+
+def default_attack_names(*, exported: bool, has_reference: bool, has_source: bool) -> tuple[list[str], str | None]:
+    """The default attacks for an artifact, and a note when some had to be left out.
+
+    Every artifact gets the white-box suite and Square; transfer when there is a model to craft on, divergence when
+    there is a float reference. An exported artifact without a reference gets a note saying how to add them,
+    rather than an error for an option the user never gave.
     """
-    if differentiable:
-        return list(CHECKPOINT_DEFAULT_ATTACKS), None
+    names = list(WHITE_BOX_ATTACKS)
     if has_source:
-        return list(EXPORTED_DEFAULT_ATTACKS), None
-    return list(QUERY_ATTACKS), (
-        "transfer_pgd and transfer_cw were skipped: they need a model to craft on; pass --reference CKPT "
-        "(the checkpoint this artifact was exported from) or --source CKPT"
-    )
+        names += list(TRANSFER_PRESETS)
+    if has_reference:
+        names += list(DIVERGENCE_ATTACKS)
+    names += list(QUERY_ATTACKS)
+    left_out = [name for name in VERIFY_ATTACKS if name not in names]
+    if not exported or not left_out:
+        return names, None
+    return names, (f"{', '.join(left_out)} were skipped: they need the float model the artifact came from; pass "
+                   "--reference CKPT (the checkpoint it was exported from) or --source CKPT")

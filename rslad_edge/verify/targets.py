@@ -1,9 +1,15 @@
 """Every model verify touches (the artifact, the reference, the transfer sources) behind one small interface.
 
 A :class:`Model` predicts logits for CPU tensors and times what the backend spends doing it (the benchmark reports
-that share; the rest is verify's own overhead). When it has gradients (a PyTorch checkpoint, an ``nn.Module``) it also
-offers ``model_fn``: the differentiable forward the white-box attacks and the transfer crafting use, under the same
-autocast the runner predicts with, so an attack ascends the function that is measured.
+that share; the rest is verify's own overhead). It also offers ``model_fn``, the differentiable forward the white-box
+attacks, the divergence attack and the transfer crafting use:
+
+- a PyTorch checkpoint or ``nn.Module``: the model itself, under the same autocast the runner predicts with
+  (``gradients == "own"``);
+- an exported artifact (ONNX Runtime, TensorRT): its differentiable twin (``runtime/twin.py``), the artifact's own
+  graph, weights and quantization as torch ops (``gradients == "twin"``). The twin only crafts; every adversarial
+  image is judged by the artifact's own ``predict``. When the artifact has no twin, ``model_fn`` is None and
+  ``twin_error`` says why.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import nn
 from rslad_edge.attacks import ModelFn
 from rslad_edge.io import sha256_file
 from rslad_edge.runtime import Runner
+from rslad_edge.runtime.twin import TwinUnavailableError
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,8 @@ class ArtifactInfo:
 
 
 class Model:
-    """One model, queried through CPU tensors; ``model_fn`` is None when it has no gradients (an exported file)."""
+    """One model, queried through CPU tensors; ``model_fn`` is its own forward (``gradients == "own"``), its twin's
+    (``"twin"``), or None (``"none"``: ``twin_error`` says why)."""
 
     def __init__(
         self,
@@ -52,6 +60,9 @@ class Model:
         model_fn: ModelFn | None = None,
         device: torch.device | None = None,
         handle: object = None,
+        gradients: str | None = None,
+        twin_error: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self.label = label  # how warnings and the per-source table name it: the file name
         self._predict_numpy = predict_numpy
@@ -61,6 +72,9 @@ class Model:
         self.model_fn = model_fn
         self.device = device or torch.device("cpu")
         self.handle = handle  # the runner / module it wraps: the same handle means the same model
+        self.gradients = gradients or ("own" if model_fn is not None else "none")  # own | twin | none
+        self.twin_error = twin_error  # why an exported artifact has no twin (the op it cannot emulate, ...)
+        self.metadata = dict(metadata or {})  # what the artifact says about itself (arch, num_classes, ...)
         self.runtime_seconds = 0.0  # wall time inside the backend's predict
         self.images_predicted = 0
         self.predict_calls = 0
@@ -107,14 +121,25 @@ def as_model(obj: Runner | nn.Module | Model, label: str | None = None, *, batch
     path = str(obj.path) if getattr(obj, "path", None) else None
     info = ArtifactInfo(path=path, sha256=_sha256(path), backend=obj.backend, provider=obj.provider,
                         precision=obj.precision)
-    model_fn, device = None, None
+    label = label or (Path(path).name if path else type(obj).__name__)
+    model_fn, device, gradients, twin_error = None, None, "none", None
     torch_model = getattr(obj, "model", None)
     if obj.backend == "torch" and isinstance(torch_model, nn.Module):
         device = torch.device(getattr(obj, "device", "cpu"))
         model_fn = _autocast_forward(torch_model, getattr(obj, "autocast", None), device)
-    return Model(label or (Path(path).name if path else type(obj).__name__), obj.predict, info=info,
-                 input_shape=tuple(obj.input_shape), num_classes=int(obj.num_classes), model_fn=model_fn,
-                 device=device, handle=obj)
+        gradients = "own"
+    elif callable(getattr(obj, "twin", None)):
+        try:
+            device = torch.device(getattr(obj, "device", None) or "cpu")
+            model_fn = obj.twin().to(device).eval()
+            gradients = "twin"
+        except TwinUnavailableError as exc:
+            twin_error, device = str(exc), None
+    else:
+        twin_error = f"{label} ({obj.backend}) offers no differentiable twin"
+    return Model(label, obj.predict, info=info, input_shape=tuple(obj.input_shape), num_classes=int(obj.num_classes),
+                 model_fn=model_fn, device=device, handle=obj, gradients=gradients, twin_error=twin_error,
+                 metadata=getattr(obj, "metadata", None))
 
 
 def _module_model(module: nn.Module, label: str | None, batch_size: int) -> Model:

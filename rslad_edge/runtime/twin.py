@@ -1,0 +1,537 @@
+"""Differentiable twins: a torch module that computes what an exported artifact computes, with gradients.
+
+An ONNX Runtime session or a TensorRT engine gives logits but no gradients, so a white-box attack cannot run on it
+directly. Its twin is a small interpreter over the artifact's own ONNX graph: the artifact's weights, and for an int8
+Q/DQ model its own scales and zero points, read from the file. What the twin computes is therefore the artifact's
+computation, not the checkpoint's:
+
+- **fp32**: the graph's own float weights and ops.
+- **fp16**: the graph's float16 weights (exact in float32), every float16 tensor rounded to float16 where the graph
+  has one (Cast, and each op whose inputs are float16), so activations carry half precision as in the runtime.
+- **int8 Q/DQ**: fake quantization. ``QuantizeLinear`` is ``saturate(round(x / scale) + zero_point)``, rounding
+  half to even as ONNX specifies and ONNX Runtime does, saturating to the zero point's type (uint8 [0, 255], int8
+  [-128, 127]); per tensor or per channel (``axis``). The rounding passes gradients straight through (STE), the
+  saturation does not (its true derivative: zero where the value is clipped). ``DequantizeLinear`` is
+  ``(q - zero_point) * scale``.
+- **TensorRT engine**: the twin of the ONNX it was built from (named in the engine's sidecar); TensorRT's own fused
+  kernels differ slightly more, which the agreement check measures.
+
+Only the op set rslad-edge exports is emulated (:data:`TWIN_OPS`); any other op makes :func:`onnx_twin` raise
+:class:`TwinUnavailableError` naming it, and verify then skips the white-box columns with a one-line warning.
+
+A twin is only as good as its agreement with the artifact: :func:`twin_agreement` measures top-1 agreement and the
+largest logit difference on the images it will be used on, every time (verify reports both and flags a twin below
+:data:`MIN_TWIN_AGREEMENT`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rslad_edge.errors import RsladEdgeError
+
+logger = logging.getLogger(__name__)
+
+MIN_TWIN_AGREEMENT = 0.99  # top-1 agreement with the artifact below which a twin's gradients are not trusted
+
+# ONNX TensorProto element types -> the integer range a QuantizeLinear saturates to.
+_QUANT_RANGES = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767), 6: (-(2**31), 2**31 - 1)}
+_FLOAT16, _FLOAT, _DOUBLE, _BFLOAT16 = 10, 1, 11, 16
+
+
+class TwinUnavailableError(RsladEdgeError):
+    """An artifact has no differentiable twin (an op the twin cannot emulate, or no ONNX to build it from)."""
+
+
+@dataclass(frozen=True)
+class TwinAgreement:
+    """How closely a twin follows its artifact on some images: top-1 agreement and the largest logit difference."""
+
+    n: int
+    agreement: float  # fraction of images where twin and artifact predict the same class
+    max_abs_logit_diff: float
+    threshold: float = MIN_TWIN_AGREEMENT
+
+    @property
+    def trusted(self) -> bool:
+        return self.agreement >= self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {"n": self.n, "agreement": self.agreement, "max_abs_logit_diff": round(self.max_abs_logit_diff, 6),
+                "threshold": self.threshold, "trusted": self.trusted}
+
+
+def twin_agreement(
+    twin: Callable[[torch.Tensor], torch.Tensor],
+    artifact_logits: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> TwinAgreement:
+    """Compare the twin's logits on ``x`` (CPU, float32 NCHW) with the artifact's ``artifact_logits`` (N, classes)."""
+    twin_logits = torch.empty_like(artifact_logits)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            twin_logits[part] = twin(x[part].to(device)).float().cpu()
+    same = twin_logits.argmax(dim=1) == artifact_logits.argmax(dim=1)
+    difference = float((twin_logits - artifact_logits).abs().max()) if x.shape[0] else 0.0
+    return TwinAgreement(n=int(x.shape[0]), agreement=float(same.float().mean()) if x.shape[0] else 1.0,
+                         max_abs_logit_diff=difference)
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def onnx_twin(path: str | Path) -> OnnxTwin:
+    """The twin of the ONNX model at ``path``; TwinUnavailableError naming the first op it cannot emulate."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError / ValueError / OSError
+        raise TwinUnavailableError(f"cannot read '{path}' to build its twin ({exc})") from exc
+    return OnnxTwin(model, source=str(path))
+
+
+def built_from_onnx_twin(artifact: str | Path, metadata: dict[str, Any]) -> OnnxTwin:
+    """The twin of an artifact built from an ONNX (a TensorRT engine, a mobile format): the twin of that ONNX, which
+    must lie beside the artifact, named by its sidecar (``onnx``), with the sha256 the sidecar recorded."""
+    from rslad_edge.io import sha256_file
+
+    name = Path(artifact).name
+    onnx_name = metadata.get("onnx")
+    if not onnx_name:
+        raise TwinUnavailableError(f"{name} has no sidecar naming the ONNX it was built from, so it has no twin")
+    onnx_path = Path(artifact).with_name(str(onnx_name))
+    if not onnx_path.is_file():
+        raise TwinUnavailableError(f"the ONNX {name} was built from, {onnx_path.name}, is not beside it: its twin is "
+                                   "built from that file")
+    expected = metadata.get("onnx_sha256")
+    if expected and sha256_file(onnx_path) != expected:
+        raise TwinUnavailableError(f"{onnx_path.name} changed since {name} was built from it (sha256 differs from the "
+                                   "sidecar's): rebuild it")
+    return onnx_twin(onnx_path)
+
+
+class OnnxTwin(nn.Module):
+    """Interprets an ONNX graph with torch ops, so that autograd gives input gradients of what the graph computes.
+
+    Nodes whose inputs are all constants (the DequantizeLinear of int8 weights, shape arithmetic) are evaluated once
+    here; ``forward`` runs the rest in the graph's (topological) order. Constants are buffers: ``.to(device)`` moves
+    them. ``fuse_fake_quant``: each activation's QuantizeLinear -> DequantizeLinear pair (same scale and zero point)
+    runs as one fused torch fake-quantize kernel, 2-3x faster than the two ops; see :func:`_fake_quantize`.
+    """
+
+    def __init__(self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True) -> None:
+        super().__init__()
+        import onnx
+        from onnx import numpy_helper
+
+        self.source = source
+        graph = model.graph
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        constants: dict[str, torch.Tensor] = {}
+        self._half: set[str] = set()  # values the graph holds in float16
+        self._quant_type: dict[str, int] = {}  # integer constants -> their ONNX element type (zero points)
+        for initializer in graph.initializer:
+            constants[initializer.name] = _to_tensor(numpy_helper.to_array(initializer))
+            self._quant_type[initializer.name] = initializer.data_type
+            if initializer.data_type == _FLOAT16:
+                self._half.add(initializer.name)
+        initializer_names = set(constants)
+        inputs = [value.name for value in graph.input if value.name not in initializer_names]
+        if len(inputs) != 1:
+            raise TwinUnavailableError(f"{Path(source).name} has {len(inputs)} inputs; a twin takes one image batch")
+        self.input_name = inputs[0]
+        self.output_name = graph.output[0].name
+
+        self._nodes: list[_Node] = []
+        for index, node in enumerate(graph.node):
+            if node.domain not in ("", "ai.onnx"):
+                raise _cannot(source, f"{node.domain}.{node.op_type}", node.name)
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            plan = _Node(node.op_type, node.name or f"#{index}", list(node.input), list(node.output), attrs, opset)
+            _check_supported(plan, source, constants)
+            half = self._output_is_half(plan)
+            if all(name == "" or name in constants for name in plan.inputs):
+                with torch.no_grad():
+                    outputs = _run(plan, [constants.get(name) if name else None for name in plan.inputs],
+                                   self._quant_type)
+                for name, value in zip(plan.outputs, outputs, strict=False):
+                    constants[name] = _round_half(value) if half and value.is_floating_point() else value
+                    if plan.op_type == "Constant":
+                        self._quant_type[name] = attrs["value"].data_type if "value" in attrs else _FLOAT
+            else:
+                self._nodes.append(plan)
+            if half:
+                self._half.update(plan.outputs)
+            plan.half_output = half
+
+        if fuse_fake_quant:
+            self._nodes = _fuse_quantize_dequantize(self._nodes, constants, self._quant_type, self.output_name)
+        needed = {name for plan in self._nodes for name in plan.inputs} | {self.output_name}
+        self._constant_attr: dict[str, str] = {}
+        for position, (name, value) in enumerate(constants.items()):
+            if name in needed:
+                attribute = f"constant_{position}"
+                self.register_buffer(attribute, value, persistent=False)
+                self._constant_attr[name] = attribute
+        self.op_types = sorted({plan.op_type for plan in self._nodes})
+        self.conv_kernel_shapes = [tuple(constants[plan.inputs[1]].shape) for plan in self._nodes
+                                   if plan.op_type == "Conv" and plan.inputs[1] in constants]
+
+    def _output_is_half(self, plan: _Node) -> bool:
+        if plan.op_type == "Cast":
+            return plan.attrs.get("to") == _FLOAT16
+        if plan.op_type == "DequantizeLinear":
+            return len(plan.inputs) > 1 and plan.inputs[1] in self._half
+        if plan.op_type == "QuantizeLinear":
+            return False
+        if plan.op_type == "Constant":
+            return "value" in plan.attrs and plan.attrs["value"].data_type == _FLOAT16
+        return any(name in self._half for name in plan.inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) float32 in [0, 1]
+        values: dict[str, torch.Tensor] = {self.input_name: x}
+        for plan in self._nodes:
+            arguments = [self._value(name, values) for name in plan.inputs]
+            outputs = _run(plan, arguments, self._quant_type)
+            for name, value in zip(plan.outputs, outputs, strict=False):
+                values[name] = _round_half(value) if plan.half_output and value.is_floating_point() else value
+        return self._value(self.output_name, values).float()
+
+    def _value(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not name:
+            return None
+        if name in values:
+            return values[name]
+        return getattr(self, self._constant_attr[name])
+
+    def extra_repr(self) -> str:
+        return f"{Path(self.source).name}: {len(self._nodes)} nodes, ops {', '.join(self.op_types)}"
+
+
+@dataclass
+class _Node:
+    op_type: str
+    name: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any]
+    opset: int
+    half_output: bool = False
+
+
+def _cannot(source: str, op: str, node: str, detail: str = "") -> TwinUnavailableError:
+    return TwinUnavailableError(f"the twin of {Path(source).name} cannot emulate op {op} (node {node}"
+                                f"{': ' + detail if detail else ''})")
+
+
+def _to_tensor(array: np.ndarray) -> torch.Tensor:
+    """Float initializers become float32 (float16 values are exact in float32); integer ones int64 for shapes and
+    float32 for quantized data (int8 / uint8 / int32 values are exact in float32 up to 2^24)."""
+    if array.dtype in (np.int64, np.bool_):
+        return torch.from_numpy(np.array(array, copy=True))
+    return torch.from_numpy(np.array(array, dtype=np.float32, copy=True))  # float16 / float32 / int8 / uint8 / int32
+
+
+def _round_half(x: torch.Tensor) -> torch.Tensor:
+    """Round to float16 in value (kept float32), straight-through for the gradient."""
+    return x + (x.half().float() - x).detach()
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even (torch.round, as ONNX QuantizeLinear), straight-through for the gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _fuse_quantize_dequantize(
+    nodes: list[_Node], constants: dict[str, torch.Tensor], quant_type: dict[str, int], graph_output: str
+) -> list[_Node]:
+    """Replace each QuantizeLinear whose only consumer is a DequantizeLinear with the same scale and zero point by
+    one ``FakeQuantize`` node computing ``DQ(Q(x))``."""
+    consumers: dict[str, list[_Node]] = {}
+    for plan in nodes:
+        for name in plan.inputs:
+            consumers.setdefault(name, []).append(plan)
+    fused: list[_Node] = []
+    removed: set[int] = set()
+    for plan in nodes:
+        if id(plan) in removed:
+            continue
+        users = consumers.get(plan.outputs[0], []) if plan.op_type == "QuantizeLinear" else []
+        if len(users) == 1 and users[0].op_type == "DequantizeLinear" and plan.outputs[0] != graph_output:
+            dequantize = users[0]
+            parameters = _fake_quant_parameters(plan, dequantize, constants, quant_type)
+            if parameters is not None:
+                fused.append(_Node("FakeQuantize", f"{plan.name}+{dequantize.name}", [plan.inputs[0]],
+                                   list(dequantize.outputs), parameters, plan.opset, dequantize.half_output))
+                removed.add(id(dequantize))
+                continue
+        fused.append(plan)
+    return fused
+
+
+def _fake_quant_parameters(
+    quantize: _Node, dequantize: _Node, constants: dict[str, torch.Tensor], quant_type: dict[str, int]
+) -> dict[str, Any] | None:
+    """Scale, zero point, axis and integer range of a Q -> DQ pair, or None when the two do not match (or the
+    parameters are not constants)."""
+    names = [quantize.inputs[1:3], dequantize.inputs[1:3]]
+    if any(len(pair) < 2 or any(name not in constants for name in pair) for pair in names):
+        return None
+    (q_scale, q_zero), (dq_scale, dq_zero) = ([constants[name] for name in pair] for pair in names)
+    same_axis = int(quantize.attrs.get("axis", 1)) == int(dequantize.attrs.get("axis", 1))
+    if not (same_axis and torch.equal(q_scale, dq_scale) and torch.equal(q_zero.float(), dq_zero.float())):
+        return None
+    low, high = _QUANT_RANGES.get(quant_type.get(quantize.inputs[2], 2), (0, 255))
+    if q_scale.numel() == 1:
+        return {"scale": float(q_scale), "zero_point": int(q_zero), "range": (low, high), "axis": None}
+    return {"scale": q_scale.float().flatten(), "zero_point": q_zero.flatten().int(), "range": (low, high),
+            "axis": int(quantize.attrs.get("axis", 1))}
+
+
+# --------------------------------------------------------------------------------------------------- the op set
+
+
+def _check_supported(plan: _Node, source: str, constants: dict[str, torch.Tensor]) -> None:
+    """Refuse at build time what :func:`_run` would get wrong, naming the op."""
+    if plan.op_type not in TWIN_OPS:
+        raise _cannot(source, plan.op_type, plan.name)
+    attrs = plan.attrs
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise _cannot(source, plan.op_type, plan.name, f"auto_pad {auto_pad}")
+    if plan.op_type in ("Conv", "MaxPool", "AveragePool"):
+        kernel = attrs.get("kernel_shape")
+        weight = constants.get(plan.inputs[1]) if plan.op_type == "Conv" and len(plan.inputs) > 1 else None
+        rank = len(kernel) if kernel else (weight.ndim - 2 if weight is not None else 2)
+        if rank != 2:
+            raise _cannot(source, plan.op_type, plan.name, f"{rank}-d kernels (only 2-d)")
+    if plan.op_type == "MaxPool" and len(plan.outputs) > 1 and plan.outputs[1]:
+        raise _cannot(source, plan.op_type, plan.name, "the Indices output")
+    if plan.op_type in ("QuantizeLinear", "DequantizeLinear") and attrs.get("block_size", 0):
+        raise _cannot(source, plan.op_type, plan.name, "blocked quantization")
+    if plan.op_type == "BatchNormalization" and attrs.get("training_mode", 0):
+        raise _cannot(source, plan.op_type, plan.name, "training mode")
+    if plan.op_type == "Cast" and attrs.get("to") not in (_FLOAT, _FLOAT16, _DOUBLE, 7):
+        raise _cannot(source, plan.op_type, plan.name, f"a cast to element type {attrs.get('to')}")
+
+
+def _run(plan: _Node, inputs: list[torch.Tensor | None], quant_type: dict[str, int]) -> list[torch.Tensor]:
+    return _OPS[plan.op_type](plan, inputs, quant_type)
+
+
+def _pads_2d(pads: list[int] | None) -> tuple[int, int, int, int] | None:
+    """ONNX pads [top, left, bottom, right] -> F.pad's (left, right, top, bottom); None when there is no padding."""
+    if not pads or not any(pads):
+        return None
+    top, left, bottom, right = pads
+    return left, right, top, bottom
+
+
+def _conv(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x, weight, bias = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None
+    attrs = plan.attrs
+    padding: Any = 0
+    pads = _pads_2d(attrs.get("pads"))
+    if pads is not None:
+        left, right, top, bottom = pads
+        if left == right and top == bottom:
+            padding = (top, left)
+        else:
+            x = F.pad(x, pads)
+    return [F.conv2d(x, weight, bias, stride=tuple(attrs.get("strides", (1, 1))), padding=padding,
+                     dilation=tuple(attrs.get("dilations", (1, 1))), groups=int(attrs.get("group", 1)))]
+
+
+def _pool(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x = inputs[0]
+    attrs = plan.attrs
+    kernel = tuple(attrs["kernel_shape"])
+    stride = tuple(attrs.get("strides", (1, 1)))
+    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    pads = _pads_2d(attrs.get("pads"))
+    if plan.op_type == "MaxPool":
+        padding: Any = 0
+        if pads is not None:
+            left, right, top, bottom = pads
+            if left == right and top == bottom and 2 * top <= kernel[0] and 2 * left <= kernel[1]:
+                padding = (top, left)
+            else:
+                x = F.pad(x, pads, value=float("-inf"))
+        return [F.max_pool2d(x, kernel, stride, padding, tuple(attrs.get("dilations", (1, 1))), ceil_mode)]
+    count_include_pad = bool(attrs.get("count_include_pad", 0))
+    if pads is None:
+        return [F.avg_pool2d(x, kernel, stride, 0, ceil_mode, count_include_pad)]
+    left, right, top, bottom = pads
+    if left == right and top == bottom:
+        return [F.avg_pool2d(x, kernel, stride, (top, left), ceil_mode, count_include_pad)]
+    padded = F.pad(x, pads)
+    if count_include_pad:
+        return [F.avg_pool2d(padded, kernel, stride, 0, ceil_mode)]
+    ones = F.pad(torch.ones_like(x[:1, :1]), pads)
+    return [F.avg_pool2d(padded, kernel, stride, 0, ceil_mode) / F.avg_pool2d(ones, kernel, stride, 0, ceil_mode)]
+
+
+def _gemm(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    a, b = inputs[0], inputs[1]
+    c = inputs[2] if len(inputs) > 2 else None
+    attrs = plan.attrs
+    if attrs.get("transA", 0):
+        a = a.transpose(0, 1)
+    if attrs.get("transB", 0):
+        b = b.transpose(0, 1)
+    out = float(attrs.get("alpha", 1.0)) * (a @ b)
+    if c is not None:
+        out = out + float(attrs.get("beta", 1.0)) * c
+    return [out]
+
+
+def _broadcast_axis(parameter: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-axis parameter (C,) shaped to broadcast along ``axis`` of ``x``; scalars as they are."""
+    if parameter.ndim == 0 or parameter.numel() == 1:
+        return parameter.reshape(())
+    axis = axis % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = parameter.numel()
+    return parameter.reshape(shape)
+
+
+def _quantize(plan: _Node, inputs: list, quant_type: dict) -> list[torch.Tensor]:
+    x, scale = inputs[0], inputs[1]
+    zero_point = inputs[2] if len(inputs) > 2 else None
+    axis = int(plan.attrs.get("axis", 1))
+    element_type = quant_type.get(plan.inputs[2]) if zero_point is not None else plan.attrs.get("output_dtype", 2)
+    low, high = _QUANT_RANGES.get(element_type or 2, (0, 255))
+    scale = _broadcast_axis(scale, x, axis)
+    zero = _broadcast_axis(zero_point, x, axis) if zero_point is not None else 0.0
+    return [torch.clamp(_round_ste(x / scale) + zero, low, high)]
+
+
+def _dequantize(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x, scale = inputs[0], inputs[1]
+    zero_point = inputs[2] if len(inputs) > 2 else None
+    axis = int(plan.attrs.get("axis", 1))
+    scale = _broadcast_axis(scale, x, axis)
+    if zero_point is None:
+        return [x * scale]
+    return [(x - _broadcast_axis(zero_point, x, axis)) * scale]
+
+
+def _fake_quantize(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    """``DequantizeLinear(QuantizeLinear(x))`` in one kernel: ``(clamp(round(x * (1 / scale)) + zp) - zp) * scale``,
+    rounding half to even (``nearbyint``), gradient passed where the value is not clipped (torch's fake-quantize).
+
+    It multiplies by ``1 / scale`` where the ONNX op divides by ``scale``: the two differ by at most one float32 ulp,
+    which changes a rounding only when ``x / scale`` lies within ~1e-7 of a half-integer; ONNX Runtime's fused int8
+    kernels requantize with a float multiplier too. The agreement check measures the result on every use.
+    """
+    x = inputs[0]
+    attrs = plan.attrs
+    low, high = attrs["range"]
+    if attrs["axis"] is None:
+        return [torch.fake_quantize_per_tensor_affine(x, attrs["scale"], attrs["zero_point"], low, high)]
+    scale, zero_point = attrs["scale"].to(x.device), attrs["zero_point"].to(x.device)
+    return [torch.fake_quantize_per_channel_affine(x, scale, zero_point, attrs["axis"] % x.ndim, low, high)]
+
+
+def _batch_norm(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x, scale, bias, mean, var = inputs[:5]
+    return [F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(plan.attrs.get("epsilon", 1e-5)))]
+
+
+def _clip(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    if plan.opset < 11:
+        low, high = plan.attrs.get("min"), plan.attrs.get("max")
+    else:
+        low = float(inputs[1]) if len(inputs) > 1 and inputs[1] is not None else None
+        high = float(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else None
+    return [torch.clamp(inputs[0], low, high)]
+
+
+def _reduce_mean(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x = inputs[0]
+    if plan.opset >= 18:
+        axes = inputs[1].tolist() if len(inputs) > 1 and inputs[1] is not None else None
+    else:
+        axes = plan.attrs.get("axes")
+    keepdims = bool(plan.attrs.get("keepdims", 1))
+    if not axes:
+        if plan.attrs.get("noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(x.ndim))
+    return [x.mean(dim=tuple(int(a) for a in axes), keepdim=keepdims)]
+
+
+def _reshape(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x, shape = inputs[0], [int(d) for d in inputs[1].tolist()]
+    if not plan.attrs.get("allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return [x.reshape(shape)]
+
+
+def _flatten(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x = inputs[0]
+    axis = int(plan.attrs.get("axis", 1)) % (x.ndim + 1) if x.ndim else 0
+    leading = int(np.prod(x.shape[:axis])) if axis else 1
+    return [x.reshape(leading, -1)]
+
+
+def _cast(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    x = inputs[0]
+    if plan.attrs.get("to") == 7:  # int64: shape arithmetic
+        return [x.long()]
+    return [x.float()]  # float16 targets are rounded by the caller (the output is a float16 value)
+
+
+def _constant(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    from onnx import numpy_helper
+
+    if "value" not in plan.attrs:
+        raise TwinUnavailableError(f"Constant node {plan.name}: only the 'value' form is emulated")
+    return [_to_tensor(numpy_helper.to_array(plan.attrs["value"]))]
+
+
+def _elementwise(function: Callable[..., torch.Tensor]) -> Callable[[_Node, list, dict], list[torch.Tensor]]:
+    return lambda plan, inputs, _: [function(*inputs)]
+
+
+_OPS: dict[str, Callable[[_Node, list, dict], list[torch.Tensor]]] = {
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": _elementwise(torch.matmul),
+    "Add": _elementwise(torch.add),
+    "Sub": _elementwise(torch.sub),
+    "Mul": _elementwise(torch.mul),
+    "Div": _elementwise(torch.div),
+    "Relu": _elementwise(F.relu),
+    "Clip": _clip,
+    "BatchNormalization": _batch_norm,
+    "GlobalAveragePool": _elementwise(lambda x: x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)),
+    "ReduceMean": _reduce_mean,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "MaxPool": _pool,
+    "AveragePool": _pool,
+    "QuantizeLinear": _quantize,
+    "DequantizeLinear": _dequantize,
+    "FakeQuantize": _fake_quantize,  # internal: a fused QuantizeLinear -> DequantizeLinear pair, never read from a file
+    "Cast": _cast,
+    "Identity": _elementwise(lambda x: x),
+    "Dropout": lambda plan, inputs, _: [inputs[0]],  # inference: the identity
+    "Constant": _constant,
+}
+TWIN_OPS: tuple[str, ...] = tuple(sorted(set(_OPS) - {"FakeQuantize"}))  # the ONNX ops a twin emulates
