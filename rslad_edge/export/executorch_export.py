@@ -10,8 +10,11 @@ size fails a shape guard), so the batch is chosen at export (1 by default) and r
 splits and pads other batches.
 
 int8 follows our ONNX int8 where the formats allow: per-channel symmetric int8 weights, static int8 activations
-calibrated on training images, the input range fixed by the input contract, and the classifier (the layer that
-computes the logits) left in float, for the reason given in :func:`rslad_edge.export.precision.quantize_int8`.
+calibrated on training images, and the classifier (the layer that computes the logits) left in float, for the
+reason given in :func:`rslad_edge.export.precision.quantize_int8`; here too it matters: on the shared ResNet-18
+teacher (minmax, 512 training images), top-1 agreement with PyTorch on 256 test images is 98.8% with the classifier
+float and 97.3% with it quantized. Activation ranges: minmax by default, as our ONNX int8 (the XNNPACK quantizer's
+own default, a HistogramObserver, gave 98.0% and clipped: max |logit diff| 1.01 against 0.084).
 """
 
 from __future__ import annotations

@@ -189,10 +189,10 @@ class ExecuTorchRunner:
         if not Path(self.path).is_file():
             raise ExportError(f"ExecuTorch program '{self.path}' does not exist")
         et_runtime = import_executorch_runtime()
-        self.threads = _set_threads(threads)  # before any method is loaded: XNNPACK binds the pool at load time
         native: list[str] = []
         try:
-            with native_stderr(native):
+            with native_stderr(native):  # the pool's first use probes the CPU (cpuinfo), loudly
+                self.threads = _set_threads(threads)  # before any method loads: XNNPACK binds the pool at load time
                 runtime = et_runtime.Runtime.get()
                 program = runtime.load_program(Path(self.path))
                 if METHOD not in program.method_names:
@@ -260,7 +260,8 @@ def _check_contract(method_meta: Any, path: str, metadata: dict[str, Any]) -> tu
 
 
 def _set_threads(threads: int | None) -> int:
-    """Size ExecuTorch's process-wide thread pool, which XNNPACK runs on, and return its size.
+    """Size ExecuTorch's process-wide thread pool, which XNNPACK runs on, and return its size (call it inside
+    :func:`native_stderr`: the pool logs when it starts and when it is resized).
 
     XNNPACK binds a program to the pool when the program is loaded, and resizing the pool replaces it, so a resize
     while any program is loaded would leave that program pointing at a pool that is gone (a crash on its next call,
@@ -277,8 +278,5 @@ def _set_threads(threads: int | None) -> int:
             f"while {len(_LOADED)} .pte program(s) are loaded; it can only be resized when none is (open every .pte "
             "with the same --threads)"
         )
-    native: list[str] = []
-    with native_stderr(native):  # "Resetting threadpool to N threads."
-        portable_lib._unsafe_reset_threadpool(threads)
-    _log_native(native, "threadpool")
+    portable_lib._unsafe_reset_threadpool(threads)  # logs "Resetting threadpool to N threads."
     return int(portable_lib._threadpool_get_thread_count())
