@@ -187,6 +187,13 @@ class OnnxTwin(nn.Module):
                 attribute = f"constant_{position}"
                 self.register_buffer(attribute, value, persistent=False)
                 self._constant_attr[name] = attribute
+        # Free each intermediate value after its last use: without gradients (the agreement check, predictions) a
+        # ResNet-18 batch would otherwise hold every activation of the graph at once.
+        last_use = {name: index for index, plan in enumerate(self._nodes) for name in plan.inputs}
+        self._release: list[list[str]] = [[] for _ in self._nodes]
+        for name, index in last_use.items():
+            if name and name != self.output_name and name not in self._constant_attr:
+                self._release[index].append(name)
         self.op_types = sorted({plan.op_type for plan in self._nodes})
         self.conv_kernel_shapes = [tuple(constants[plan.inputs[1]].shape) for plan in self._nodes
                                    if plan.op_type == "Conv" and plan.inputs[1] in constants]
@@ -204,11 +211,13 @@ class OnnxTwin(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) float32 in [0, 1]
         values: dict[str, torch.Tensor] = {self.input_name: x}
-        for plan in self._nodes:
+        for plan, released in zip(self._nodes, self._release, strict=True):
             arguments = [self._value(name, values) for name in plan.inputs]
             outputs = _run(plan, arguments, self._quant_type)
             for name, value in zip(plan.outputs, outputs, strict=False):
                 values[name] = _round_half(value) if plan.half_output and value.is_floating_point() else value
+            for name in released:
+                values.pop(name, None)
         return self._value(self.output_name, values).float()
 
     def _value(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
