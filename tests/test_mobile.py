@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,27 @@ def test_ort_int8_is_the_quantized_onnx_converted(ort_int8):
     assert ort_int8.parity.agreement >= INT8_AGREEMENT
     runner = load_runner(ort_int8.path)
     assert runner.precision == "int8" and runner.metadata["quantization"]["target"] == "cpu"
+
+
+def test_an_ort_twin_is_the_twin_of_the_onnx_it_was_converted_from(ort_int8, images):
+    """The .ort holds ORT's fused operators, so its white-box attacks are crafted on the twin of its ONNX; the twin
+    agrees with the converted file itself (the agreement check verify runs), and a changed ONNX is refused."""
+    from rslad_edge.runtime.twin import TwinUnavailableError, twin_agreement
+
+    runner = load_runner(ort_int8.path, threads=1)
+    twin = runner.twin()
+    assert Path(twin.source).name == "student.int8.onnx"
+    x = torch.from_numpy(images)
+    agreement = twin_agreement(twin, torch.from_numpy(runner.predict(images)), x)
+    assert agreement.trusted and agreement.agreement >= 0.99
+    onnx_path = ort_int8.onnx_path
+    saved = onnx_path.read_bytes()
+    try:
+        onnx_path.write_bytes(saved + b"\0")
+        with pytest.raises(TwinUnavailableError, match="changed since"):
+            runner.twin()
+    finally:
+        onnx_path.write_bytes(saved)
 
 
 def test_a_truncated_ort_is_one_line_naming_the_file(ort_fp32, tmp_path):

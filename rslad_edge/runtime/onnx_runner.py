@@ -188,9 +188,13 @@ class OnnxRunner:
 
     def twin(self) -> OnnxTwin:
         """The differentiable twin of this model (:mod:`rslad_edge.runtime.twin`): its own graph, weights, scales
-        and zero points as torch ops; TwinUnavailableError naming an op it cannot emulate."""
-        from rslad_edge.runtime.twin import onnx_twin
+        and zero points as torch ops; TwinUnavailableError naming an op it cannot emulate. A ``.ort`` holds a graph
+        ONNX Runtime already fused into its own operators, so its twin is that of the ONNX it was converted from
+        (named, with its sha256, in its metadata); verify's agreement check then compares the twin with the .ort."""
+        from rslad_edge.runtime.twin import built_from_onnx_twin, onnx_twin
 
+        if Path(self.path).suffix.lower() in ORT_FORMAT_SUFFIXES:
+            return built_from_onnx_twin(self.path, self.metadata)
         return onnx_twin(self.path)
 
     def __repr__(self) -> str:
