@@ -113,7 +113,8 @@ def test_int8_teacher_faces_white_box_through_its_twin_as_strong_as_on_the_check
                     eps=EPS, batch_size=100, seed=0)
     twin_pgd, transfer_pgd = report.robust_acc["pgd_sat"], report.robust_acc["transfer_pgd"]
     checkpoint_pgd = report.accuracy("pgd_sat", reference=True)
-    print(f"int8 teacher (--target {target}), 200 images: twin agreement {report.artifact.twin.agreement:.3f}, twin PGD {twin_pgd:.3f}, "
+    print(f"int8 teacher (--target {target}), 200 images: twin agreement {report.artifact.twin.agreement:.3f}, "
+          f"twin PGD {twin_pgd:.3f}, "
           f"transfer PGD {transfer_pgd:.3f}, checkpoint PGD_SAT {checkpoint_pgd:.3f}")
     assert report.artifact.twin.trusted
     assert twin_pgd <= transfer_pgd
