@@ -102,6 +102,7 @@ class VerifyEntry:
     clean_acc: float
     robust_acc: dict[str, float]  # per attack
     worst_case_acc: float
+    worst_case_ci95: list[float] | None = None  # its 95 % Wilson interval [low, high]
     drop_pp: float | None = None  # the checkpoint's worst case minus this artifact's, on the same images
     drop_ci95_pp: float | None = None  # paired 95 % half-width of that drop
     reference_sha256: str | None = None

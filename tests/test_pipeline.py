@@ -79,6 +79,10 @@ def test_report_shows_every_artifact_with_accuracy_and_latency(finished_run):
     assert html.count("<table") == 2 and "data:image/png;base64," in html  # self-contained figures
     md = result.report_md.read_text()
     assert "| student.int8.onnx |" in md and "## Gates" in md and "twin agreement %" in md
+    # every worst case with its 95 % interval, every drop with its paired one
+    int8_row = next(line for line in md.splitlines() if line.startswith("| student.int8.onnx |"))
+    assert re.search(r"\| \d+\.\d \[\d+\.\d, \d+\.\d\] \|", int8_row)
+    assert re.search(r"\| [+-]\d+\.\d( ± \d+\.\d)? \|", int8_row)
 
 
 def test_rerun_with_resume_skips_every_unchanged_stage(finished_run, teacher):

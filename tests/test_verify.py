@@ -398,6 +398,21 @@ def test_n_beyond_the_test_set_is_clipped_and_said(runners):
     assert len(data) == 1000 and notes == ["--n 5000 is more than the 1000 test images of shapes: using all 1000"]
 
 
+@pytest.mark.parametrize("correct, n", [(0, 10), (10, 10), (81, 263), (15, 148), (500, 1000), (1, 200)])
+def test_wilson_interval_matches_scipy_and_the_closed_form_at_the_edges(correct, n):
+    from rslad_edge.verify.report import wilson_ci95
+
+    low, high = wilson_ci95(correct, n)
+    z2 = 1.959963984540054**2
+    if correct == 0:  # closed form: [0, z^2 / (n + z^2)]
+        assert low == 0.0 and high == pytest.approx(z2 / (n + z2), abs=1e-12)
+    if correct == n:
+        assert high == pytest.approx(1.0) and low == pytest.approx(n / (n + z2), abs=1e-12)
+    stats = pytest.importorskip("scipy.stats")
+    expected = stats.binomtest(correct, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-9)
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 
@@ -424,6 +439,12 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
     assert record["attack_details"]["square"] == {"family": "query", "preset": "square",
                                                   "judged_by": "onnxruntime (CPUExecutionProvider)"}
     assert ISSUE_KEYS <= set(record) and record["n"] == 32 and record["config"]["dataset"] == "shapes"
+    # every accuracy carries its 95 % Wilson interval, in the JSON and in the table
+    for model in (record, record["reference"]):
+        low, high = model["ci95"]["worst_case"]
+        assert low <= model["worst_case_acc"] <= high and high - low > 0.05  # 32 images: wide
+    assert set(record["ci95"]) == {"clean", *SUITE, "worst_case"}
+    assert f"{100 * record['clean_acc']:.1f} [{100 * record['ci95']['clean'][0]:.1f}," in text
     assert set(record["robust_acc"]) == set(SUITE)
     assert set(record["reference"]["robust_acc"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw", "square"}
     assert record["twin"]["agreement"] == 1.0 and record["divergence"]["both_correct"] > 0

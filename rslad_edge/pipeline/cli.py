@@ -78,10 +78,12 @@ def _print_summary(record: RunRecord) -> None:
     from rslad_edge.pipeline.report import summary_table
 
     header, rows = summary_table(record)
-    short = {"precision": "prec", "size MB": "MB", "worst case %": "worst %", "drop vs .pt (pp)": "drop pp",
+    short = {"precision": "prec", "size MB": "MB", "worst case % [95% CI]": "worst % [95% CI]",
+             "drop vs .pt (pp, ± paired 95%)": "drop pp",
              "p50 ms (b=1)": "p50 ms", "img/s (largest batch)": "img/s"}
     table = Table(title="artifacts: accuracy on the verify sample, latency on this machine", box=box.SIMPLE_HEAD,
-                  caption="worst: worst case over the attacks; drop: vs the .pt on the same images; p50 at batch 1",
+                  caption="worst: worst case over the attacks [95% Wilson interval]; drop: vs the .pt on the same "
+                  "images (± its paired 95% interval); p50 at batch 1",
                   pad_edge=False)
     for name in header:
         table.add_column(short.get(name, name), no_wrap=name in ("artifact", "img/s (largest batch)"),

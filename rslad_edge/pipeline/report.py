@@ -65,8 +65,8 @@ def _attack_names(verify: list[VerifyEntry]) -> list[str]:
 def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One row per artifact: size, accuracies, drop against the checkpoint (as verify measured it), latency."""
     attacks = _attack_names([entry for _, entry in data["artifacts"] if entry is not None])
-    header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks], "worst case %",
-              "drop vs .pt (pp)", "twin agreement %", "fooled, .pt not %", "p50 ms (b=1)", "p99 ms (b=1)",
+    header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks], "worst case % [95% CI]",
+              "drop vs .pt (pp, ± paired 95%)", "twin agreement %", "fooled, .pt not %", "p50 ms (b=1)", "p99 ms (b=1)",
               "img/s (largest batch)"]
     bench_rows = data["bench"].get("results", [])
     rows = []
@@ -75,12 +75,11 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         mine = [r for r in mine if r.get("precision") == artifact.precision] or mine  # a checkpoint's fp32 rows
         smallest = min(mine, key=lambda r: r["batch"]) if mine else {}
         largest = max(mine, key=lambda r: r["batch"]) if mine else {}
-        drop = entry.drop_pp if entry is not None else None
         rows.append([
             artifact.name, artifact.precision, f"{artifact.size_mb:.2f}",
             _pct(entry.clean_acc if entry else None),
             *[_pct(entry.robust_acc.get(a) if entry else None) for a in attacks],
-            _pct(entry.worst_case_acc if entry else None), "–" if drop is None else f"{drop:+.1f}",
+            _with_interval(entry), _drop(entry),
             _pct(entry.twin_agreement if entry else None), _pct(entry.divergence_rate if entry else None),
             _ms(smallest.get("p50_ms")), _ms(smallest.get("p99_ms")),
             "–" if not largest else f"{largest['images_per_s']:.0f} (b={largest['batch']})",
@@ -88,7 +87,25 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", "worst case %", "drop vs .pt (pp)", "p50 ms (b=1)",
+def _with_interval(entry: VerifyEntry | None) -> str:
+    """The worst case with its 95 % Wilson interval: ``44.0 [37.3, 50.9]``."""
+    if entry is None:
+        return "–"
+    if entry.worst_case_ci95 is None:
+        return _pct(entry.worst_case_acc)
+    low, high = entry.worst_case_ci95
+    return f"{_pct(entry.worst_case_acc)} [{_pct(low)}, {_pct(high)}]"
+
+
+def _drop(entry: VerifyEntry | None) -> str:
+    """The drop against the checkpoint with its paired 95 % half-width: ``+0.5 ± 1.2``."""
+    if entry is None or entry.drop_pp is None:
+        return "–"
+    return f"{entry.drop_pp:+.1f}" + (f" ± {entry.drop_ci95_pp:.1f}" if entry.drop_ci95_pp else "")
+
+
+SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", "worst case % [95% CI]",
+                   "drop vs .pt (pp, ± paired 95%)", "p50 ms (b=1)",
                    "img/s (largest batch)")
 
 

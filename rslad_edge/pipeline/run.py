@@ -167,6 +167,7 @@ def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
             record.verify.append(VerifyEntry(
                 artifact_sha256=artifact.sha256, json_path=verify_cfg.json_path, clean_acc=report.clean_acc,
                 robust_acc=dict(report.robust_acc), worst_case_acc=report.worst_case_acc,
+                worst_case_ci95=list(report.artifact.ci95(WORST_CASE_ROW)),
                 drop_pp=report.drop_pp(WORST_CASE_ROW), drop_ci95_pp=report.drop_ci95_pp(WORST_CASE_ROW),
                 reference_sha256=None if is_student else student.sha256,
                 gate=GateVerdict(**gate) if gate is not None else None, warnings=list(report.warnings),

@@ -31,6 +31,14 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _accuracy(report: VerifyReport, row: str, *, reference: bool = False) -> str:
+    """``47.3 [44.2, 50.4]``: the accuracy and its 95 % Wilson interval, in %."""
+    value, interval = report.accuracy(row, reference=reference), report.accuracy_ci95(row, reference=reference)
+    if value is None or interval is None:
+        return "-"
+    return f"{100 * value:.1f} [dim][{100 * interval[0]:.1f}, {100 * interval[1]:.1f}][/]"
+
+
 def _drop(report: VerifyReport, row: str) -> str:
     drop, interval = report.drop_pp(row), report.drop_ci95_pp(row)
     if drop is None:
@@ -48,7 +56,7 @@ def results_table(report: VerifyReport) -> Table:
     table = Table(
         title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
-        f"L-inf eps {eps_text(report.eps)}; accuracy in %"
+        f"L-inf eps {eps_text(report.eps)}; accuracy in % [its 95% Wilson interval]"
         + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
            "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
            if report.reference else "")
@@ -68,9 +76,9 @@ def results_table(report: VerifyReport) -> Table:
     with_reference = report.reference is not None
     for row in report.rows:
         label = {CLEAN_ROW: "clean", WORST_CASE_ROW: "worst case"}.get(row, row)
-        cells = [label, _percent(report.accuracy(row))]
+        cells = [label, _accuracy(report, row)]
         if with_reference:
-            cells += [_percent(report.accuracy(row, reference=True)), _drop(report, row)]
+            cells += [_accuracy(report, row, reference=True), _drop(report, row)]
         seconds = report.attack_seconds.get(row)
         cells.append(f"{seconds:.1f}" if seconds is not None else "")
         if row == WORST_CASE_ROW:

@@ -8,7 +8,7 @@ independent binomials, which is what "within noise" should mean.
 JSON (accuracies as fractions, drops in points)::
 
     {"artifact", "sha256", "backend", "provider", "precision", "n", "eps", "seed",
-     "clean_acc", "robust_acc": {attack: acc}, "worst_case_acc",
+     "clean_acc", "robust_acc": {attack: acc}, "worst_case_acc", "ci95": {row: [low, high]} (95 % Wilson),
      "reference": {same keys for the reference model} | null,
      "seconds", "queries": {Square on the artifact} | null,
      "drop_pp", "drop_ci95_pp", "attacks", "sources", "attack_details", "attack_seconds", "transfer_sources",
@@ -179,13 +179,20 @@ class ModelResult:
             return self.worst_case_correct
         return self.robust_correct[row]
 
+    def ci95(self, row: str) -> tuple[float, float]:
+        """The 95 % Wilson interval of this model's accuracy on ``row`` (fractions)."""
+        flags = self.flags(row)
+        return wilson_ci95(int(flags.sum()), len(flags))
+
     def to_json(self) -> dict[str, Any]:
         square = self.queries.get("square")
+        rows = [CLEAN_ROW, *self.robust_correct, WORST_CASE_ROW]
         return {
             **self.info.to_json(),
             "clean_acc": self.clean_acc,
             "robust_acc": self.robust_acc,
             "worst_case_acc": self.worst_case_acc,
+            "ci95": {row: [round(bound, 4) for bound in self.ci95(row)] for row in rows},
             "queries": square.to_json() if square else None,
             "transfer_sources": self.per_source,
             "runtime_seconds": round(self.runtime_seconds, 3),
@@ -229,6 +236,13 @@ class VerifyReport:
     @property
     def worst_case_acc(self) -> float:
         return self.artifact.worst_case_acc
+
+    def accuracy_ci95(self, row: str, *, reference: bool = False) -> tuple[float, float] | None:
+        """The 95 % Wilson interval of :meth:`accuracy` (fractions); None where that model did not face the attack."""
+        result = self.reference if reference else self.artifact
+        if result is None or not result.has(row):
+            return None
+        return result.ci95(row)
 
     def accuracy(self, row: str, *, reference: bool = False) -> float | None:
         """The artifact's (or the reference's) accuracy on ``row``; None where that model did not face the attack."""
@@ -306,6 +320,7 @@ class VerifyReport:
             "clean_acc": self.clean_acc,
             "robust_acc": self.robust_acc,
             "worst_case_acc": self.worst_case_acc,
+            "ci95": artifact["ci95"],
             "reference": self.reference.to_json() if self.reference is not None else None,
             "seconds": round(self.seconds, 3),
             "queries": square.to_json() if square else None,
@@ -337,6 +352,18 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[package.replace("-", "_")] = None
     return found
+
+
+def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``correct / n`` (fractions): unlike the normal approximation it
+    stays inside [0, 1] and is honest at 0 or n successes, which robust accuracies on a few hundred images reach."""
+    if n <= 0:
+        return (0.0, 1.0)
+    z = 1.959963984540054
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _mean(flags: torch.Tensor) -> float:
