@@ -445,6 +445,7 @@ def test_cli_verifies_an_export_against_its_checkpoint_into_json_that_bench_read
         assert low <= model["worst_case_acc"] <= high and high - low > 0.05  # 32 images: wide
     assert set(record["ci95"]) == {"clean", *SUITE, "worst_case"}
     assert f"{100 * record['clean_acc']:.1f} [{100 * record['ci95']['clean'][0]:.1f}," in text
+    assert "95% Wilson interval in brackets" in text
     assert set(record["robust_acc"]) == set(SUITE)
     assert set(record["reference"]["robust_acc"]) == {"fgsm", "pgd_sat", "pgd_trades", "cw", "square"}
     assert record["twin"]["agreement"] == 1.0 and record["divergence"]["both_correct"] > 0

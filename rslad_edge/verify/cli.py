@@ -56,7 +56,7 @@ def results_table(report: VerifyReport) -> Table:
     table = Table(
         title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
-        f"L-inf eps {eps_text(report.eps)}; accuracy in % [its 95% Wilson interval]"
+        f"L-inf eps {eps_text(report.eps)}; accuracy in %, its 95% Wilson interval in brackets"
         + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
            "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
            if report.reference else "")
