@@ -46,9 +46,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with AVX-512 BF16 (precision auto = bf16). Faithful to the paper but for the schedule and the scale: batch 128,
     # SGD 0.1 / momentum 0.9 / wd 2e-4 on the batchmean loss (= the authors' scale at lr 1.0 / wd 2e-5), PGD-10 of
     # 2/255 at eps 8/255, selection by PGD-20 on 500 held-out training images; 3 epochs of 10,000 training images,
-    # the last at lr 0.01 (215/300 of the run at 0.1, as the paper's first decay). Budget: 30,000 training images
-    # at the ~20 img/s measured for MobileNetV2 RSLAD incl. evaluation (10,000 x 4 epochs took 33 min) = 25 min.
-    # SAT and ARD attack in train mode (no BN folding): about 1.7x longer on the same images and steps.
+    # the last at lr 0.01 (215/300 of the run at 0.1, as the paper's first decay). Measured on a quiet 2-core AMD
+    # EPYC (session 4, bf16): RSLAD 13.7 min wall in all (41-44 img/s with the per-epoch check), SAT 20.7 min,
+    # ARD 17.5 min (their attacks run the student in train mode). It was sized from a measurement on a busy machine
+    # (~20 img/s), so it uses under half of its 30 minutes here; a larger preset has not been run (README, distill).
     "cpu-30min": {
         "student": "mobilenetv2", "epochs": 3, "milestones": [3], "train_subset": 10_000, "val_n": 500,
         "eval_n": 500, "loss_scale": "batchmean",
