@@ -107,6 +107,7 @@ def test_cli_ends_with_a_summary_table_of_every_artifact(finished_run, teacher, 
     for name in ("student.pt", "student.onnx", "student.int8.onnx", "worst", "drop", "p50"):
         assert name in summary
     assert "done: report" in summary
+    assert "[" not in summary.split("done: report")[0]  # the intervals stay in report.md: a terminal is too narrow
 
 
 def test_existing_run_is_refused_without_resume_or_force(finished_run, teacher):
