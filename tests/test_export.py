@@ -245,6 +245,17 @@ def test_an_op_without_onnx_conversion_is_named():
         torch_to_onnx(Bessel(), (3, 8, 8), opset=18, batch=None, arch="bessel-net")
 
 
+def test_parity_thresholds_take_the_defaults_of_the_artifact_and_the_flags_over_them(checkpoint):
+    from rslad_edge.export import ENGINE_PARITY_DEFAULTS
+    from rslad_edge.export.config import PARITY_DEFAULTS
+
+    fp32 = ExportConfig(checkpoint=checkpoint)
+    assert fp32.thresholds == PARITY_DEFAULTS["fp32"]
+    assert fp32.parity_thresholds(ENGINE_PARITY_DEFAULTS) == (1e-3, 1.0)  # a TensorRT engine: its own fp32 tolerance
+    flagged = ExportConfig(checkpoint=checkpoint, max_abs_diff=0.5, min_agreement=0.9)
+    assert flagged.thresholds == flagged.parity_thresholds(ENGINE_PARITY_DEFAULTS) == (0.5, 0.9)
+
+
 def test_config_validation_names_the_flag(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="--format 'onx' is not one of onnx, trt, ort, executorch. Did you mean"):
         ExportConfig(checkpoint=checkpoint, format="onx")

@@ -157,7 +157,11 @@ class ExportConfig:
     @property
     def thresholds(self) -> tuple[float | None, float]:
         """(max |logit difference| or None, minimum top-1 agreement) for this precision, flags overriding."""
-        default_diff, default_agreement = PARITY_DEFAULTS[self.precision]
+        return self.parity_thresholds(PARITY_DEFAULTS)
+
+    def parity_thresholds(self, defaults: dict[str, tuple[float | None, float]]) -> tuple[float | None, float]:
+        """:attr:`thresholds` from another table of per-precision defaults (a TensorRT engine's), flags overriding."""
+        default_diff, default_agreement = defaults[self.precision]
         max_abs_diff = default_diff if self.max_abs_diff is None else self.max_abs_diff
         min_agreement = default_agreement if self.min_agreement is None else self.min_agreement
         return max_abs_diff, min_agreement

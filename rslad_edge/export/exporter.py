@@ -450,16 +450,11 @@ def _export_engine(
         )
 
     plan = plan_build(trt.__version__, cfg.precision, input_shape, **options)
-    max_abs_diff, min_agreement = ENGINE_PARITY_DEFAULTS[cfg.precision]
-    if cfg.max_abs_diff is not None:
-        max_abs_diff = cfg.max_abs_diff
-    if cfg.min_agreement is not None:
-        min_agreement = cfg.min_agreement
     with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
         candidate = Path(workdir_name) / engine_path.name
         build_engine(plan, onnx_file.path, candidate)
         runner = TensorRTRunner(candidate, device="cuda")
-        report = _check_parity(runner, reference, data, (max_abs_diff, min_agreement), engine_path)
+        report = _check_parity(runner, reference, data, cfg.parity_thresholds(ENGINE_PARITY_DEFAULTS), engine_path)
         gpu = runner.provider
         del runner
         os.replace(candidate, engine_path)

@@ -78,8 +78,7 @@ def _print_summary(record: RunRecord) -> None:
     from rslad_edge.pipeline.report import summary_table
 
     header, rows = summary_table(record)
-    short = {"precision": "prec", "size MB": "MB", "worst case % [95% CI]": "worst %",
-             "drop vs .pt (pp, ± paired 95%)": "drop pp",
+    short = {"precision": "prec", "size MB": "MB", "worst case %": "worst %", "drop vs .pt (pp)": "drop pp",
              "p50 ms (b=1)": "p50 ms", "img/s (largest batch)": "img/s"}
     table = Table(title="artifacts: accuracy on the verify sample, latency on this machine", box=box.SIMPLE_HEAD,
                   caption="worst: worst case over the attacks; drop: vs the .pt on the same images; p50 at batch 1; "
@@ -88,6 +87,6 @@ def _print_summary(record: RunRecord) -> None:
     for name in header:
         table.add_column(short.get(name, name), no_wrap=name in ("artifact", "img/s (largest batch)"),
                          justify="left" if name in ("artifact", "precision") else "right")
-    for row in rows:  # a terminal is too narrow for the intervals: the figure alone ("44.0 [37.3, 50.9]" -> "44.0")
-        table.add_row(*[cell.split(" [")[0].split(" ± ")[0] for cell in row])
+    for row in rows:
+        table.add_row(*row)
     console.print(table)

@@ -62,12 +62,14 @@ def _attack_names(verify: list[VerifyEntry]) -> list[str]:
     return names
 
 
-def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """One row per artifact: size, accuracies, drop against the checkpoint (as verify measured it), latency."""
+def _artifact_rows(data: dict[str, Any], *, intervals: bool = True) -> tuple[list[str], list[list[str]]]:
+    """One row per artifact: size, accuracies, drop against the checkpoint (as verify measured it), latency;
+    ``intervals``: the worst case with its 95 % interval and the drop with its paired one."""
     attacks = _attack_names([entry for _, entry in data["artifacts"] if entry is not None])
-    header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks], "worst case % [95% CI]",
-              "drop vs .pt (pp, ± paired 95%)", "twin agreement %", "fooled, .pt not %", "p50 ms (b=1)", "p99 ms (b=1)",
-              "img/s (largest batch)"]
+    header = ["artifact", "precision", "size MB", "clean %", *[f"{a} %" for a in attacks],
+              WORST_CASE_COLUMN + (" [95% CI]" if intervals else ""),
+              DROP_COLUMN + (" ± paired 95%" if intervals else ""), "twin agreement %", "fooled, .pt not %",
+              "p50 ms (b=1)", "p99 ms (b=1)", "img/s (largest batch)"]
     bench_rows = data["bench"].get("results", [])
     rows = []
     for artifact, entry in data["artifacts"]:
@@ -79,7 +81,7 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             artifact.name, artifact.precision, f"{artifact.size_mb:.2f}",
             _pct(entry.clean_acc if entry else None),
             *[_pct(entry.robust_acc.get(a) if entry else None) for a in attacks],
-            _with_interval(entry), _drop(entry),
+            _worst_case(entry, intervals), _drop(entry, intervals),
             _pct(entry.twin_agreement if entry else None), _pct(entry.divergence_rate if entry else None),
             _ms(smallest.get("p50_ms")), _ms(smallest.get("p99_ms")),
             "–" if not largest else f"{largest['images_per_s']:.0f} (b={largest['batch']})",
@@ -87,31 +89,32 @@ def _artifact_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _with_interval(entry: VerifyEntry | None) -> str:
-    """The worst case with its 95 % Wilson interval: ``44.0 [37.3, 50.9]``."""
+def _worst_case(entry: VerifyEntry | None, interval: bool) -> str:
+    """The worst case, with its 95 % Wilson interval when asked: ``44.0 [37.3, 50.9]``."""
     if entry is None:
         return "–"
-    if entry.worst_case_ci95 is None:
+    if not interval or entry.worst_case_ci95 is None:
         return _pct(entry.worst_case_acc)
     low, high = entry.worst_case_ci95
     return f"{_pct(entry.worst_case_acc)} [{_pct(low)}, {_pct(high)}]"
 
 
-def _drop(entry: VerifyEntry | None) -> str:
-    """The drop against the checkpoint with its paired 95 % half-width: ``+0.5 ± 1.2``."""
+def _drop(entry: VerifyEntry | None, interval: bool) -> str:
+    """The drop against the checkpoint, with its paired 95 % half-width when asked: ``+0.5 ± 1.2``."""
     if entry is None or entry.drop_pp is None:
         return "–"
-    return f"{entry.drop_pp:+.1f}" + (f" ± {entry.drop_ci95_pp:.1f}" if entry.drop_ci95_pp else "")
+    return f"{entry.drop_pp:+.1f}" + (f" ± {entry.drop_ci95_pp:.1f}" if interval and entry.drop_ci95_pp else "")
 
 
-SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", "worst case % [95% CI]",
-                   "drop vs .pt (pp, ± paired 95%)", "p50 ms (b=1)",
+WORST_CASE_COLUMN, DROP_COLUMN = "worst case %", "drop vs .pt (pp)"
+SUMMARY_COLUMNS = ("artifact", "precision", "size MB", "clean %", WORST_CASE_COLUMN, DROP_COLUMN, "p50 ms (b=1)",
                    "img/s (largest batch)")
 
 
 def summary_table(record: RunRecord) -> tuple[list[str], list[list[str]]]:
-    """The report's artifact table cut to the columns that fit a terminal (what the pipeline prints at the end)."""
-    header, rows = _artifact_rows(_collect(record))
+    """The report's artifact table cut to the columns that fit a terminal (what the pipeline prints at the end),
+    without the intervals (report.md / report.html have them)."""
+    header, rows = _artifact_rows(_collect(record), intervals=False)
     keep = [header.index(name) for name in SUMMARY_COLUMNS]
     return [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
 
