@@ -88,7 +88,7 @@ def main() -> None:
             teacher_path, teacher_name = SHARED_TEACHER, "shared robust ResNet-18"
         else:
             teacher = create_model("resnet18").eval()
-            teacher_path = save_checkpoint(Path(tmp) / "t.pt", teacher, "resnet18", num_classes=10)
+            teacher_path = save_checkpoint(Path(tmp) / "t.pt", teacher, "resnet18", num_classes=10, input_size=(32, 32))
             teacher_name = "random ResNet-18"
         teacher.requires_grad_(False)
         print(f"teacher: {teacher_name}; batch {args.batch}; PGD-10; {args.threads} threads; median of {args.repeats}")

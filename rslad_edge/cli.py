@@ -63,11 +63,27 @@ def main(
 
 
 @app.command("models")
-def models_command() -> None:
-    """List the architectures, with parameter counts (for 10 classes unless noted)."""
+def models_command(
+    source: Annotated[str | None, typer.Option(
+        help="List another source's names instead: torchvision or timm (the timm extra).")] = None,
+) -> None:
+    """List the architectures, with parameter counts (for 10 classes unless noted).
+
+    Any torchvision or timm classifier works too, as torchvision:NAME or timm:NAME, and your own model as
+    package.module:factory (called with num_classes=N): normalisation goes inside the model, inputs stay [0, 1].
+    """
     from rslad_edge.models import MODELS, count_parameters
 
-    table = Table(title="rslad-edge architectures (input: float32 NCHW in [0, 1], 32x32)")
+    if source is not None:
+        from rslad_edge.models import external
+
+        if source not in external.SOURCES:
+            raise typer.BadParameter(f"--source must be one of {', '.join(external.SOURCES)}, got '{source}'")
+        names = external.torchvision_names() if source == "torchvision" else external.timm_names()
+        console.print(" ".join(f"{source}:{name}" for name in names), soft_wrap=True)
+        return
+    table = Table(title="rslad-edge architectures (input: float32 NCHW in [0, 1]; the CIFAR variants at 32x32)",
+                  caption="also: torchvision:NAME, timm:NAME (rslad-edge models --source ...), package.module:factory")
     table.add_column("name", style="bold")
     table.add_column("parameters", justify="right")
     table.add_column("classes", justify="right")

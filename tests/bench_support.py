@@ -49,7 +49,7 @@ def tiny_checkpoint(path: Path) -> Path:
     """A smallcnn checkpoint in the rslad-edge format."""
     from rslad_edge.models import create_model, save_checkpoint
 
-    return save_checkpoint(path, create_model("smallcnn"), "smallcnn", num_classes=10)
+    return save_checkpoint(path, create_model("smallcnn"), "smallcnn", num_classes=10, input_size=(32, 32))
 
 
 def write_verify_json(path: Path, artifact: Path, sha256: str, clean: float, robust: dict[str, float],

@@ -27,7 +27,7 @@ class _TinyExports(dict):
         super().__init__()
         self.folder = folder
         self["pt"] = save_checkpoint(folder / "student.pt", ridge_fitted_smallcnn(), "smallcnn", num_classes=10,
-                                     meta={"dataset": "shapes"})
+                                     input_size=(32, 32), meta={"dataset": "shapes"})
 
     def __missing__(self, key: str) -> Path:
         from rslad_edge.export import ExportConfig, export

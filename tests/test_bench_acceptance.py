@@ -48,7 +48,7 @@ def test_bench_cli_p50_at_batch_64_matches_an_independent_onnx_runtime_loop(tmp_
 
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "mobilenetv2.pt", create_model("mobilenetv2").eval(), "mobilenetv2",
-                                 num_classes=10)
+                                 num_classes=10, input_size=(32, 32))
     runner = CliRunner()
     export = ["export", str(checkpoint), "--out", str(tmp_path / "export"), "--dataset", "shapes", "--parity-n", "64"]
     assert runner.invoke(app, export).exit_code == 0

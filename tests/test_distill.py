@@ -41,7 +41,8 @@ def tiny(tmp_path, **overrides) -> DistillConfig:
 @pytest.fixture
 def teacher_path(tmp_path):
     torch.manual_seed(1)
-    return save_checkpoint(tmp_path / "teacher.pt", create_model("smallcnn-wide"), "smallcnn-wide", num_classes=10)
+    return save_checkpoint(tmp_path / "teacher.pt", create_model("smallcnn-wide"), "smallcnn-wide", num_classes=10,
+        input_size=(32, 32))
 
 
 def metrics(run_dir):
@@ -327,7 +328,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_teacher_with_other_class_count_is_refused(tmp_path):
-    path = save_checkpoint(tmp_path / "t100.pt", create_model("smallcnn", 100), "smallcnn", num_classes=100)
+    path = save_checkpoint(tmp_path / "t100.pt", create_model("smallcnn", 100), "smallcnn", num_classes=100,
+        input_size=(32, 32))
     with pytest.raises(ConfigError, match="100 classes"):
         train(tiny(tmp_path, method="rslad", teacher=str(path)))
 

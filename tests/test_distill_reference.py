@@ -141,7 +141,7 @@ def teacher_path(tmp_path_factory):
     with torch.no_grad():
         teacher.linear.weight.mul_(30)  # soft labels far from uniform, as a trained teacher's are
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    return save_checkpoint(path, teacher, "smallcnn-wide", num_classes=10)
+    return save_checkpoint(path, teacher, "smallcnn-wide", num_classes=10, input_size=(32, 32))
 
 
 def batch_with_saturated_pixels(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

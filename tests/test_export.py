@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory):
     """
     model = ridge_fitted_smallcnn("smallcnn-wide")
     path = tmp_path_factory.mktemp("ckpt") / "student.pt"
-    return save_checkpoint(path, model, "smallcnn-wide", num_classes=10,
+    return save_checkpoint(path, model, "smallcnn-wide", num_classes=10, input_size=(32, 32),
                            meta={"dataset": "shapes", "method": "rslad", "eps": 8 / 255})
 
 

@@ -37,7 +37,7 @@ needs_executorch = pytest.mark.skipif(executorch_missing() is not None,
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "student.pt"
-    return save_checkpoint(path, ridge_fitted_smallcnn("smallcnn"), "smallcnn", num_classes=10,
+    return save_checkpoint(path, ridge_fitted_smallcnn("smallcnn"), "smallcnn", num_classes=10, input_size=(32, 32),
                            meta={"dataset": "shapes", "method": "rslad", "eps": 8 / 255})
 
 

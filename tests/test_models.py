@@ -64,7 +64,7 @@ def test_parameter_count_is_what_forward_uses_for_every_registered_model(name):
 def test_checkpoint_round_trip_keeps_weights_and_metadata(tmp_path):
     model = create_model("smallcnn", 10)
     meta = {"method": "rslad", "eps": 8 / 255}
-    path = save_checkpoint(tmp_path / "m.pt", model, "smallcnn", num_classes=10, meta=meta)
+    path = save_checkpoint(tmp_path / "m.pt", model, "smallcnn", num_classes=10, input_size=(32, 32), meta=meta)
     loaded, info = load_checkpoint(path)
     assert info["arch"] == "smallcnn" and info["meta"]["method"] == "rslad"
     x = torch.rand(3, 3, 32, 32)
@@ -98,7 +98,7 @@ def test_wrong_architecture_names_keys_and_suggests_the_right_arch(tmp_path):
 
 
 def test_rslad_checkpoint_refuses_a_conflicting_arch(tmp_path):
-    path = save_checkpoint(tmp_path / "m.pt", create_model("smallcnn"), "smallcnn", num_classes=10)
+    path = save_checkpoint(tmp_path / "m.pt", create_model("smallcnn"), "smallcnn", num_classes=10, input_size=(32, 32))
     with pytest.raises(CheckpointError, match="smallcnn checkpoint but --arch resnet18"):
         load_checkpoint(path, arch="resnet18")
 

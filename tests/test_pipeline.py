@@ -37,7 +37,7 @@ def tiny_sections(teacher, **changes):
 def teacher(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    return save_checkpoint(path, create_model("smallcnn-wide"), "smallcnn-wide", num_classes=10)
+    return save_checkpoint(path, create_model("smallcnn-wide"), "smallcnn-wide", num_classes=10, input_size=(32, 32))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def artifacts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runtime")
     torch.manual_seed(0)
     model = create_model("smallcnn").eval()
-    checkpoint = save_checkpoint(folder / "student.pt", model, "smallcnn", num_classes=10)
+    checkpoint = save_checkpoint(folder / "student.pt", model, "smallcnn", num_classes=10, input_size=(32, 32))
     onnx.save(torch_to_onnx(model, (3, 32, 32), opset=18, batch=None), folder / "dynamic.onnx")
     onnx.save(torch_to_onnx(model, (3, 32, 32), opset=18, batch=4), folder / "static4.onnx")
     images = np.random.default_rng(0).random((7, 3, 32, 32), dtype=np.float32)

@@ -67,7 +67,8 @@ def files(tiny_exports, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("verify")
     weak = ridge_fitted_smallcnn()
     torch.nn.init.normal_(weak.linear.weight, std=0.1)  # a different model: mostly wrong, with the same layers
-    weak_checkpoint = save_checkpoint(folder / "weak.pt", weak, "smallcnn", num_classes=10, meta={"dataset": "shapes"})
+    weak_checkpoint = save_checkpoint(folder / "weak.pt", weak, "smallcnn", num_classes=10,
+        input_size=(32, 32), meta={"dataset": "shapes"})
     weak_onnx = export(ExportConfig(checkpoint=weak_checkpoint, out=folder / "weak", parity_n=32)).onnx_path
     return {"pt": tiny_exports["pt"], "onnx": tiny_exports["fp32"], "int8": tiny_exports["int8"],
             "other": tiny_onnx(folder / "other.onnx"), "weak": weak_onnx}

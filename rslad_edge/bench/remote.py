@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 REMOTE_PREFIX = "/tmp/rslad-bench."
 DEFAULT_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
-ASSUMED_CHW = (3, 32, 32)  # for a symbolic input dimension of an ONNX without export metadata (CIFAR images)
 _EXIT_REASONS = {
     20: "trtexec is neither on the PATH nor at /usr/src/tensorrt/bin/trtexec: install TensorRT (it ships with "
         "JetPack: `sudo apt install nvidia-jetpack` or `tensorrt`)",
@@ -180,10 +179,15 @@ class OnnxArtifact:
 
 
 def describe_onnx(path: Path) -> OnnxArtifact:
-    """Input name, image shape and precision of an ONNX file, as the runtime reads it; a dimension it cannot tell
-    (symbolic, and no export metadata) is taken as 3x32x32, since trtexec needs every shape spelled out."""
+    """Input name, image shape and precision of an ONNX file, as the runtime reads it (the graph's shape, or the
+    input size its export metadata records). trtexec needs every shape spelled out, so a size the file does not tell
+    is an error, never a guess."""
     info = inspect_onnx(path)
-    channels, height, width = (known or assumed for known, assumed in zip(info.input_shape, ASSUMED_CHW, strict=True))
+    if not all(info.input_shape):
+        shape = "x".join(str(d) if d else "?" for d in info.input_shape)
+        raise ConfigError(f"'{path}' does not say its input size ({shape}: symbolic, and no rslad-edge export "
+                          "metadata): export it with `rslad-edge export`, or with a fixed height and width")
+    channels, height, width = info.input_shape
     sha256, size_mb = artifact_facts(path)
     return OnnxArtifact(Path(path), sha256, size_mb, info.precision, info.input_name, (channels, height, width),
                         info.static_batch)

@@ -75,6 +75,12 @@ class BenchConfig:
         return TimingConfig(tuple(self.batch), self.warmup, self.warmup_seconds, self.iters, self.seconds,
                             self.min_iters)
 
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`bench_artifacts` these settings stand for (device resolved)."""
+        return dict(device=self.resolved_device(), batches=self.batch, warmup=self.warmup,
+                    warmup_seconds=self.warmup_seconds, iters=self.iters, seconds=self.seconds,
+                    min_iters=self.min_iters, threads=self.threads, precisions=self.precision, provider=self.provider)
+
     def resolved_device(self) -> str:
         if self.device != "auto":
             return self.device

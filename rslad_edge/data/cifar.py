@@ -27,6 +27,8 @@ from rslad_edge.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
+CIFAR_SIZE = (32, 32)  # (H, W) of every CIFAR-10 / CIFAR-100 image
+
 
 @dataclass(frozen=True)
 class _CifarLayout:
@@ -123,7 +125,7 @@ def load_cifar(name: str, root: Path, split: str, *, download: bool = True) -> I
         batch_images, batch_labels = _check_batch(entries, layout.labels_key, path)
         images.append(batch_images)
         labels.append(batch_labels)
-    images_nchw = torch.from_numpy(np.concatenate(images).reshape(-1, 3, 32, 32))  # rows are R, G, B planes
+    images_nchw = torch.from_numpy(np.concatenate(images).reshape(-1, 3, *CIFAR_SIZE))  # rows are R, G, B planes
     return ImageSet(
         images=images_nchw, labels=torch.from_numpy(np.concatenate(labels)), classes=classes, name=f"{name}/{split}"
     )

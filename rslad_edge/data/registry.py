@@ -71,3 +71,14 @@ def dataset_for_model(
     name = str(dataset or trained_on or "cifar10")
     root = data_root if data_root is not None else (trained_root if name == trained_on else None)
     return name, root
+
+
+def preprocess_for_model(*model_metadata: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """How the images of the first of ``model_metadata`` that says so were brought to its input size (a checkpoint's
+    ``input.preprocess``, an artifact's ``preprocess``), so export and verify read its data as it was trained."""
+    for metadata in model_metadata:
+        meta = metadata or {}
+        preprocess = meta.get("preprocess") or (meta.get("input") or {}).get("preprocess")
+        if preprocess:
+            return dict(preprocess)
+    return None

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import yaml
 
 from rslad_edge.attacks import parse_eps
 from rslad_edge.console import console
-from rslad_edge.distill.config import PRESETS, DistillConfig, load_yaml, resolve_config, resume_config
+from rslad_edge.distill.config import (
+    PRESETS,
+    DistillConfig,
+    load_yaml,
+    parse_input_size,
+    resolve_config,
+    resume_config,
+)
 from rslad_edge.distill.methods import METHODS
 from rslad_edge.distill.progress import RichObserver
 from rslad_edge.errors import ConfigError
@@ -30,6 +38,28 @@ def _eps(value: str | None) -> float | None:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _kwargs(value: str | None, flag: str) -> dict[str, Any] | None:
+    """``"width_mult=0.75,dropout=0.2"`` -> ``{"width_mult": 0.75, "dropout": 0.2}`` (values read as YAML scalars)."""
+    if value is None:
+        return None
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise typer.BadParameter(f"{flag} takes KEY=VALUE[,KEY=VALUE], got '{item}'")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _size(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return parse_input_size(value)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _milestones(value: str | None) -> list[int] | None:
     if value is None:
         return None
@@ -41,13 +71,42 @@ def _milestones(value: str | None) -> list[int] | None:
 
 @app.callback(invoke_without_command=True)
 def distill(
-    student: Annotated[str | None, typer.Option(help="Student architecture (see `rslad-edge models`).")] = None,
+    student: Annotated[str | None, typer.Option(
+        help="Student architecture: a registry name (`rslad-edge models`), torchvision:NAME (e.g. "
+        "torchvision:mobilenet_v3_small), timm:NAME (timm extra) or package.module:factory. [default: mobilenetv2]"
+    )] = None,
+    student_kwargs: Annotated[str | None, typer.Option(
+        help="Options of the student's constructor, KEY=VALUE[,KEY=VALUE], e.g. width_mult=0.75.")] = None,
     teacher: Annotated[str | None, typer.Option(
-        help="Robust teacher: a checkpoint, or robustbench:NAME (robustbench extra). The smoke preset trains one "
-        "when omitted.")] = None,
+        help="Robust teacher: a checkpoint, or robustbench:NAME (robustbench extra). Omitted: --train-teacher "
+        "trains one first (the smoke preset always does).")] = None,
     teacher_arch: Annotated[str | None, typer.Option(
-        "--teacher-arch", "--arch", help="Architecture of a bare-state-dict teacher, e.g. wrn-34-10.")] = None,
+        "--teacher-arch", "--arch", help="Architecture of a bare-state-dict teacher, e.g. wrn-34-10 or "
+        "torchvision:resnet50.")] = None,
+    teacher_kwargs: Annotated[str | None, typer.Option(
+        help="Options of a bare-state-dict teacher's constructor, KEY=VALUE[,KEY=VALUE].")] = None,
+    train_teacher: Annotated[str | None, typer.Option(
+        help="No teacher at hand: first train one of this architecture with SAT (this run's data and schedule) "
+        "under OUT/teacher, then distil from it.")] = None,
+    teacher_dataset: Annotated[str | None, typer.Option(
+        help="The dataset a robustbench: teacher was trained on, when not --dataset: imagenet (1,000 classes; "
+        "needs --class-map).")] = None,
+    class_map: Annotated[Path | None, typer.Option(
+        help="YAML/JSON mapping each of your class names to the teacher's class indices (e.g. cat: [281, 282]), "
+        "for a teacher of other classes (an ImageNet model).")] = None,
+    class_map_reduce: Annotated[str | None, typer.Option(
+        help="How a class map joins a group's logits: sum (of probabilities: logsumexp of the logits) or max. "
+        "[default: sum]")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Class count (default: the dataset's).")] = None,
+    input_size: Annotated[str | None, typer.Option(
+        help="Image size the student takes, H or HxW (e.g. 96, 224x160). Images are resized (shorter side) and "
+        "center-cropped to it. [default: the student's own config (timm), else the data's]")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help="Training augmentation: pad-crop-flip (CIFAR's) or rrc-flip (random-resized crop + flip). [default: "
+        "pad-crop-flip up to 64 px, rrc-flip above]")] = None,
+    memory_budget: Annotated[float | None, typer.Option(
+        help="GiB a data split may take in memory; a larger one is streamed from its decoded cache on disk. "
+        "[default: a quarter of this machine's memory]")] = None,
     method: Annotated[str | None, typer.Option(help=f"Training method: {_METHODS_HELP}. [default: rslad]")] = None,
     dataset: Annotated[str | None, typer.Option(
         help="cifar10, cifar100, imagefolder (ROOT/{train,test}/<class>/) or shapes (synthetic). [default: cifar10]")
@@ -112,25 +171,26 @@ def distill(
     """
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other")
-    if resume:
-        if out is None:
-            raise typer.BadParameter("--resume needs --out, the run directory to continue")
-        cfg = resume_config(out, epochs=epochs, device=device, eval_every=eval_every, eval_n=eval_n, **{
-            name: value for name, value in dict(
-                student=student, teacher=teacher, method=method, dataset=dataset, lr=lr, batch_size=batch_size,
-                preset=preset, precision=precision, eps=_eps(eps), seed=seed, train_subset=train_subset,
-                attack_steps=attack_steps, loss_scale=loss_scale, val_n=val_n, select=select,
-            ).items() if value is not None})
-        _run(cfg, resume=True, force=False)
-        return
+    if resume and out is None:
+        raise typer.BadParameter("--resume needs --out, the run directory to continue")
     cli_values = dict(
-        student=student, teacher=teacher, teacher_arch=teacher_arch, num_classes=num_classes, method=method,
-        dataset=dataset, data_root=data_root, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+        student=student, student_kwargs=_kwargs(student_kwargs, "--student-kwargs"), teacher=teacher,
+        teacher_arch=teacher_arch, teacher_kwargs=_kwargs(teacher_kwargs, "--teacher-kwargs"),
+        train_teacher=train_teacher, teacher_dataset=teacher_dataset,
+        class_map=str(class_map) if class_map else None, class_map_reduce=class_map_reduce,
+        num_classes=num_classes, input_size=_size(input_size), augment=augment, memory_budget=memory_budget,
+        method=method, dataset=dataset, data_root=data_root, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, loss_scale=loss_scale, milestones=_milestones(milestones), eps=_eps(eps),
         step_size=_eps(step_size), attack_steps=attack_steps, alpha=alpha, temperature=temperature, beta=beta,
         train_subset=train_subset, val_n=val_n, select=select, eval_n=eval_n, eval_every=eval_every,
         precision=precision, device=device, compile=compile, sync_bn=sync_bn, seed=seed, preset=preset,
     )
+    if resume:  # every value given must equal the run's own, except the few a resumed run may change
+        file_values = load_yaml(config) if config else {}
+        given = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+        given.pop("out", None)
+        _run(resume_config(out, **given), resume=True, force=False)
+        return
     cfg = resolve_config(preset, load_yaml(config) if config else None, cli_values)
     _run(cfg, resume=False, force=force)
 

@@ -75,13 +75,27 @@ class DistillConfig:
     """Every knob of ``rslad-edge distill``; field names are the CLI flags with dashes as underscores."""
 
     out: str = "runs/distill"
+    # Architectures: a registry name, torchvision:NAME, timm:NAME or package.module:factory (models/external.py),
+    # with the keyword arguments of its constructor (e.g. {width_mult: 0.75}).
     student: str = "mobilenetv2"
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
     teacher: str | None = None  # checkpoint path, or robustbench:NAME
     teacher_arch: str | None = None  # for a bare-state-dict teacher
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
+    # No --teacher: train one first (SAT, this run's data and schedule) with this architecture, under OUT/teacher.
+    train_teacher: str | None = None
+    teacher_dataset: str | None = None  # a RobustBench teacher's own dataset (imagenet), when it is not --dataset
+    class_map: str | None = None  # YAML / JSON: our class name -> the teacher's class indices (models/teacher.py)
+    class_map_reduce: str = "sum"  # sum (of the group's probabilities) | max (of its logits)
     method: str = "rslad"
     dataset: str = "cifar10"
     data_root: str | None = None
     num_classes: int | None = None  # from the dataset when None
+    # (H, W) the student takes; None: the student's own config (timm, torchvision weights), else the data's size.
+    # Images are resized (shorter side) and center-cropped to it; written resolved into config.yaml.
+    input_size: list[int] | None = None
+    augment: str | None = None  # pad-crop-flip | rrc-flip; None: by input size (data/augment.py), written resolved
+    memory_budget: float | None = None  # GiB a split may take in memory before it is streamed from disk
     epochs: int = 300
     batch_size: int = 128  # global batch (split across DDP ranks)
     lr: float = 0.1
@@ -112,13 +126,27 @@ class DistillConfig:
     preset: str = "paper"
 
     def __post_init__(self) -> None:
+        from rslad_edge.data import AUGMENT_RECIPES
         from rslad_edge.distill.methods import get_method
-        from rslad_edge.models import get_spec
+        from rslad_edge.models import canonical_arch
+        from rslad_edge.models.teacher import CLASS_MAP_REDUCTIONS
 
         get_method(self.method)
-        get_spec(self.student)
-        if self.teacher_arch:
-            get_spec(self.teacher_arch)
+        for arch in (self.student, self.teacher_arch, self.train_teacher):
+            if arch:
+                canonical_arch(arch)  # an unknown name: one line with close matches
+        if self.input_size is not None:
+            self.input_size = parse_input_size(self.input_size)
+        if self.class_map_reduce not in CLASS_MAP_REDUCTIONS:
+            raise unknown_name_error("--class-map-reduce", self.class_map_reduce, CLASS_MAP_REDUCTIONS,
+                                     error=UsageError)
+        if self.augment is not None and self.augment not in AUGMENT_RECIPES:
+            raise unknown_name_error("--augment", self.augment, AUGMENT_RECIPES, error=UsageError)
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise UsageError(f"--memory-budget must be positive (GiB), got {self.memory_budget}")
+        for flag, values in [("--student-kwargs", self.student_kwargs), ("--teacher-kwargs", self.teacher_kwargs)]:
+            if not isinstance(values, dict):
+                raise UsageError(f"{flag} must be a mapping of option: value, got {values!r}")
         for flag, value in [("--eps", self.eps), ("--step-size", self.step_size)]:
             if not 0 <= value <= 1:
                 raise ConfigError(f"{flag} {value:g} is outside [0, 1]: eps is in pixel units, write 8/255, not 8")
@@ -165,6 +193,24 @@ class DistillConfig:
 FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}
 
 
+def parse_input_size(value: Any, flag: str = "--input-size") -> list[int]:
+    """``96``, ``"96"``, ``"96x128"``, ``[96, 128]`` -> ``[H, W]`` (one number: a square)."""
+    try:
+        if isinstance(value, str):
+            parts = [int(part) for part in value.lower().replace(" ", "").split("x")]
+        elif isinstance(value, int):
+            parts = [value]
+        else:
+            parts = [int(part) for part in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'")
+    return parts
+
+
 def _normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
@@ -205,6 +251,8 @@ def resolve_config(
     values.update(file_values)
     values.update(cli_values)
     values["preset"] = preset
+    if values.get("teacher") is not None and values.get("train_teacher") is not None:
+        raise UsageError("--teacher and --train-teacher exclude each other: give the teacher, or train one")
     if values.get("select") == "test" and "val_n" not in {**file_values, **cli_values}:
         values["val_n"] = 0  # the paper's protocol: no held-out split, selection on the test split
     return DistillConfig(**values)
@@ -229,7 +277,7 @@ def resume_config(out: str | Path, **overrides: Any) -> DistillConfig:
         if value is None or (key in values and values[key] == value):
             continue
         if key not in RESUME_OVERRIDES:
-            raise ConfigError(
+            raise UsageError(
                 f"--{key.replace('_', '-')} cannot change when resuming; only "
                 f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} can"
             )

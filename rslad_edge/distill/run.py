@@ -1,9 +1,10 @@
 """``distill_student(cfg) -> DistillResult``: the distill stage as the CLI and the pipeline run it.
 
 It owns what happens around one call of :func:`rslad_edge.distill.trainer.train`: the process group under
-``torchrun`` (joined once here, so every training run inside shares it), the run directory check, and the smoke
-preset's own teacher, which is a second, complete training run under ``OUT/teacher`` done *before* the student's
-(``train`` never calls itself: a nested run would shut down the process group the outer one still needs).
+``torchrun`` (joined once here, so every training run inside shares it), the run directory check, and the run's own
+teacher (``--train-teacher ARCH``, or the smoke preset's), which is a second, complete training run under
+``OUT/teacher`` done *before* the student's (``train`` never calls itself: a nested run would shut down the process
+group the outer one still needs).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 TEACHER_DIR = "teacher"
 TEACHER_SHARES = ("seed", "device", "precision", "dataset", "data_root", "epochs", "milestones", "batch_size",
-                  "train_subset", "val_n", "select", "eval_n", "eval_every", "attack_steps", "step_size", "eps")
+                  "train_subset", "val_n", "select", "eval_n", "eval_every", "attack_steps", "step_size", "eps",
+                  "input_size", "augment", "memory_budget", "loss_scale")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class DistillResult:
     student: Artifact
     metrics_file: Path
     config: DistillConfig  # as run (with the teacher it used)
-    teacher: Artifact | None = None  # the smoke preset's own teacher, when this run trained one
+    teacher: Artifact | None = None  # the run's own teacher (--train-teacher, smoke), when this run trained one
     teacher_metrics_file: Path | None = None
 
 
@@ -56,10 +58,11 @@ def distill_student(
         teacher_dir = out / TEACHER_DIR
         trains_own_teacher = get_method(cfg.method).needs_teacher and cfg.teacher is None
         if trains_own_teacher:
-            cfg = dataclasses.replace(cfg, teacher=str(_smoke_teacher(cfg, observer)))
+            cfg = dataclasses.replace(cfg, teacher=str(_own_teacher(cfg, observer)))
         student = train(cfg, resume=resume, observer=observer)
     return DistillResult(
-        student=Artifact.from_file(student, metadata={"method": cfg.method, "arch": cfg.student}),
+        student=Artifact.from_file(student, metadata={"method": cfg.method, "arch": cfg.student,
+                                                      "arch_kwargs": cfg.student_kwargs}),
         metrics_file=out / "metrics.jsonl",
         config=cfg,
         teacher=Artifact.from_file(teacher_dir / "student.pt") if trains_own_teacher else None,
@@ -82,18 +85,21 @@ def _check_run_dir(out: Path, force: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _smoke_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
-    """No --teacher: the smoke preset trains its own small robust teacher (SAT) under ``OUT/teacher``, resuming it
-    when it was interrupted and reusing it when it finished."""
-    if cfg.preset != "smoke":
-        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
+def _own_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
+    """No --teacher: train a robust teacher first (SAT) under ``OUT/teacher``: ``--train-teacher ARCH`` at the run's
+    own lr, or the smoke preset's small one (SMOKE_TEACHER). Resumed when it was interrupted, reused when done."""
+    if cfg.train_teacher is None and cfg.preset != "smoke":
+        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME), or "
+                          "--train-teacher ARCH to train one first")
     teacher_dir = Path(cfg.out) / TEACHER_DIR
     if (teacher_dir / "student.pt").exists():
         return teacher_dir / "student.pt"
-    logger.info("smoke preset without --teacher: training a small robust teacher first (%s)", teacher_dir)
-    # The teacher gets the run's data, device and budget (a shortened smoke run shortens its teacher too); its
-    # method, architecture and lr are SMOKE_TEACHER's.
+    logger.info("no --teacher: training a robust teacher first (%s)", teacher_dir)
+    # The teacher gets the run's data, device and budget (a shortened run shortens its teacher too); its method is
+    # SAT, its architecture --train-teacher's (with --teacher-kwargs) or SMOKE_TEACHER's.
     shared = {key: getattr(cfg, key) for key in TEACHER_SHARES}
-    teacher_cfg = resolve_config("smoke", cli_values={**shared, **SMOKE_TEACHER, "out": str(teacher_dir)})
+    own = (SMOKE_TEACHER if cfg.train_teacher is None else
+           {"method": "sat", "student": cfg.train_teacher, "student_kwargs": cfg.teacher_kwargs, "lr": cfg.lr})
+    teacher_cfg = resolve_config(cfg.preset, cli_values={**shared, **own, "out": str(teacher_dir)})
     resume = (teacher_dir / "checkpoints" / "last.pt").exists()
     return train(teacher_cfg, resume=resume, force=not resume, observer=observer)

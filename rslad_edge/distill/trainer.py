@@ -31,7 +31,17 @@ from torch import nn
 
 from rslad_edge import __version__
 from rslad_edge.attacks import get_attack, pgd, robust_correct
-from rslad_edge.data import ImageSet, augment_batch, hold_out, load_dataset, subset, to_float
+from rslad_edge.data import (
+    ImageSet,
+    augment_batch,
+    augment_recipe,
+    hold_out,
+    load_dataset,
+    load_sample,
+    subset,
+    to_float,
+)
+from rslad_edge.data.cifar import CIFAR_SIZE
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import DistillConfig
@@ -39,8 +49,16 @@ from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
 from rslad_edge.io import atomic_write, sha256_file
-from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from rslad_edge.models import (
+    check_model_fits,
+    create_model,
+    load_checkpoint,
+    model_defaults,
+    read_checkpoint,
+    save_checkpoint,
+)
 from rslad_edge.models.folding import BatchNormFoldedView, fold_batchnorm
+from rslad_edge.models.teacher import ClassMapped, Resized, read_class_map
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +84,7 @@ class TrainObserver(Protocol):
 class _Run:
     """What one call of ``train`` works with, built once."""
 
-    cfg: DistillConfig
+    cfg: DistillConfig  # resolved: input_size and augment as run (what config.yaml records)
     method: Method
     hyperparameters: dict[str, float]
     device: torch.device
@@ -79,6 +97,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     train_set: ImageSet
+    augment: str  # the training augmentation recipe (data/augment.py)
     eval_split: str | None  # what the per-epoch check runs on: "val" (held-out training images), "test", or None
     eval_x: torch.Tensor | None  # (N, 3, H, W) float in [0, 1]
     eval_y: torch.Tensor | None
@@ -111,6 +130,7 @@ def train(
     if get_method(cfg.method).needs_teacher and cfg.teacher is None:  # the smoke teacher is distill_student's job
         raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
     run = _build(cfg, dist)
+    cfg = run.cfg
     if dist.is_main and not resume:
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
 
@@ -198,8 +218,16 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
-    train_set = load_dataset(cfg.dataset, cfg.data_root, "train", seed=cfg.seed)
-    train_set, eval_set, selection = _evaluation_split(cfg, train_set)
+    # The image size: --input-size, else the student's own config (timm, torchvision weights), else the data's.
+    defaults = model_defaults(cfg.student, cfg.student_kwargs)
+    wanted_size = tuple(cfg.input_size) if cfg.input_size else defaults.input_size
+    data_options = {"input_size": wanted_size, "crop_pct": defaults.crop_pct, "memory_budget": (
+        None if cfg.memory_budget is None else int(cfg.memory_budget * 2**30))}
+    train_set = load_dataset(cfg.dataset, cfg.data_root, "train", seed=cfg.seed, **data_options)
+    input_size = train_set.input_size
+    augment = cfg.augment or augment_recipe(input_size)
+    cfg = dataclasses.replace(cfg, input_size=list(input_size), augment=augment)
+    train_set, eval_set, selection = _evaluation_split(cfg, train_set, data_options)
     train_set = subset(train_set, cfg.train_subset, seed=cfg.seed)
     num_classes = cfg.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
@@ -214,11 +242,15 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
 
     teacher, meta = None, {"method": cfg.method, "dataset": cfg.dataset, "eps": cfg.eps, "teacher": cfg.teacher}
     if method.needs_teacher:
-        teacher = _load_teacher(cfg, num_classes, device, precision)
+        teacher = _load_teacher(cfg, train_set.classes, input_size, device, precision)
         if not str(cfg.teacher).startswith("robustbench:"):
             meta["teacher_sha256"] = sha256_file(cfg.teacher)
+    meta["augment"] = augment
+    meta["preprocess"] = train_set.preprocess
 
-    student = precision.prepare(create_model(cfg.student, num_classes).to(device), device)
+    student = create_model(cfg.student, num_classes, cfg.student_kwargs)
+    check_model_fits(student, cfg.student, num_classes, input_size)
+    student = precision.prepare(student.to(device), device)
     if cfg.sync_bn and dist.world_size > 1:
         if device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); drop the flag")
@@ -246,14 +278,16 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     return _Run(
         cfg=cfg, method=method, hyperparameters=hyperparameters, device=device, precision=precision, student=student,
         student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
-        train_set=train_set, eval_split=selection["split"],
-        eval_x=None if eval_set is None else to_float(eval_set.images),
+        train_set=train_set, augment=augment, eval_split=selection["split"],
+        eval_x=None if eval_set is None else to_float(eval_set.read()),
         eval_y=None if eval_set is None else eval_set.labels, num_classes=num_classes, dist=dist,
         kl_scale=kl_scale, meta=meta,
     )
 
 
-def _evaluation_split(cfg: DistillConfig, train_set: ImageSet) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
+def _evaluation_split(
+    cfg: DistillConfig, train_set: ImageSet, data_options: dict[str, Any]
+) -> tuple[ImageSet, ImageSet | None, dict[str, Any]]:
     """(the images to train on, the images of the per-epoch check, how student.pt is chosen, for the record).
 
     The held-out images come out of the training set before --train-subset samples it, so runs with different
@@ -264,7 +298,8 @@ def _evaluation_split(cfg: DistillConfig, train_set: ImageSet) -> tuple[ImageSet
         "rule": "last epoch" if cfg.select == "last" else "best PGD-20 robust accuracy",
     }
     if cfg.select == "test":
-        test_set = subset(load_dataset(cfg.dataset, cfg.data_root, "test", seed=cfg.seed), cfg.eval_n, cfg.seed)
+        test_set = load_sample(cfg.dataset, cfg.data_root, "test", cfg.eval_n, cfg.seed,
+                               input_size=train_set.input_size, crop_pct=data_options["crop_pct"])
         selection.update(split="test", n=len(test_set), seed=cfg.seed,
                          note="selected on the test split, as the paper's 'best checkpoint' row: not a held-out "
                               "estimate of the student's accuracy")
@@ -282,16 +317,39 @@ def _evaluation_split(cfg: DistillConfig, train_set: ImageSet) -> tuple[ImageSet
     return rest, held_out, selection
 
 
-def _load_teacher(cfg: DistillConfig, num_classes: int, device: torch.device, precision: Precision) -> nn.Module:
+# What a RobustBench teacher of each dataset takes: (classes, input size). ImageNet models get RobustBench's
+# 224x224 crop (their Res256Crop224 preprocessing), normalisation inside.
+ROBUSTBENCH_DATASETS = {"cifar10": (10, CIFAR_SIZE), "cifar100": (100, CIFAR_SIZE), "imagenet": (1000, (224, 224))}
+
+
+def _load_teacher(
+    cfg: DistillConfig, classes: list[str], input_size: tuple[int, int], device: torch.device, precision: Precision
+) -> nn.Module:
+    """The teacher as the student sees it: its logits over the dataset's classes (through --class-map when it was
+    trained on others), on the student's images (resized inside when it was trained at another size). Its class
+    count is checked on load: one line when it does not fit."""
     if str(cfg.teacher).startswith("robustbench:"):
-        teacher = _robustbench_teacher(str(cfg.teacher).split(":", 1)[1], cfg.dataset)
+        name = str(cfg.teacher).split(":", 1)[1]
+        teacher_dataset = cfg.teacher_dataset or cfg.dataset
+        if teacher_dataset not in ROBUSTBENCH_DATASETS:
+            raise UsageError(f"--teacher-dataset {teacher_dataset}: RobustBench teachers come from "
+                             f"{', '.join(ROBUSTBENCH_DATASETS)}; give --teacher-dataset")
+        teacher_classes, teacher_size = ROBUSTBENCH_DATASETS[teacher_dataset]
+        teacher = _robustbench_teacher(name, teacher_dataset)
+        check_model_fits(teacher, cfg.teacher, teacher_classes, teacher_size)
     else:
-        teacher, info = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch)
-        if info["num_classes"] != num_classes:
-            raise ConfigError(
-                f"teacher '{cfg.teacher}' has {info['num_classes']} classes but the student is trained on "
-                f"{cfg.dataset} with {num_classes}; use a teacher trained on the same dataset"
-            )
+        teacher, info = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch, arch_kwargs=cfg.teacher_kwargs)
+        teacher_classes = info["num_classes"]
+        teacher_size = tuple((info.get("input") or {}).get("size") or input_size)
+    if cfg.class_map:
+        teacher = ClassMapped(teacher, read_class_map(cfg.class_map, classes, teacher_classes), cfg.class_map_reduce)
+    elif teacher_classes != len(classes):
+        raise ConfigError(
+            f"teacher '{cfg.teacher}' has {teacher_classes} classes but the student is trained on {cfg.dataset} with "
+            f"{len(classes)}; use a teacher of the same classes, or map its classes to yours with --class-map"
+        )
+    if teacher_size != tuple(input_size):
+        teacher = Resized(teacher, teacher_size)
     return precision.prepare(teacher.to(device).eval().requires_grad_(False), device)
 
 
@@ -331,7 +389,6 @@ def _train_epoch(
     """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks, what the loss was
     made of: the method's terms and the train-mode accuracies on x' and x, averaged over the epoch's images)."""
     cfg, dist = run.cfg, run.dist
-    images, labels = run.train_set.to_device(run.device)
     order = _epoch_order(run, epoch)
     num_batches = _num_batches(run)
     loss_sum = partial["loss_sum"] if partial else 0.0
@@ -343,10 +400,10 @@ def _train_epoch(
     epoch_images = 0
     for batch in range(start_batch, num_batches):
         index = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-        index = index[dist.rank::dist.world_size].to(run.device)  # this rank's shard of the global batch
+        index = index[dist.rank::dist.world_size]  # this rank's shard of the global batch
         generator = _batch_generator(run, epoch, batch)
-        x = to_float(augment_batch(images[index], generator))  # (B, 3, H, W) in [0, 1]
-        y = labels[index]
+        images, y = run.train_set.take(index, run.device)  # (B, 3, H, W) uint8, (B,)
+        x = to_float(augment_batch(images, generator, recipe=run.augment))  # (B, 3, H, W) in [0, 1]
         if run.precision.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         step_started = time.perf_counter()
@@ -538,7 +595,8 @@ def _training_state(
 
 def _save(run: _Run, path: Path, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     save_checkpoint(path, run.student, run.cfg.student, num_classes=run.num_classes,
-                    input_size=run.train_set.input_size, meta={**run.meta, **meta}, extra=extra)
+                    input_size=run.train_set.input_size, arch_kwargs=run.cfg.student_kwargs,
+                    preprocess=run.train_set.preprocess, meta={**run.meta, **meta}, extra=extra)
 
 
 def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best: float) -> float:

@@ -151,6 +151,8 @@ class _Data:
     description: str
     dataset: str
     classes: list[str]
+    input_size: tuple[int, int]
+    preprocess: dict[str, Any] | None  # how the images were brought to input_size (data/imagefolder.py)
 
 
 def export(cfg: ExportConfig) -> ExportResult:
@@ -161,9 +163,8 @@ def export(cfg: ExportConfig) -> ExportResult:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out '{out}' is a file; give a directory (it is created if missing)")
     model, info = load_checkpoint(cfg.checkpoint, arch=cfg.arch, num_classes=cfg.num_classes)
-    height, width = (info.get("input") or {}).get("size", [32, 32])
-    input_shape = (3, int(height), int(width))
-    data = _load_data(cfg, info, input_shape)
+    data = _load_data(cfg, info)
+    input_shape = (3, *data.input_size)  # the checkpoint's size (a bare state dict: its data's)
     out.mkdir(parents=True, exist_ok=True)
     source = _Source(model, info, input_shape, sha256_file(cfg.checkpoint))
     reference = _torch_logits(model, info, cfg, data.parity_images)
@@ -269,15 +270,19 @@ def _delegation_summary(delegation: dict[str, Any]) -> str:
             f"{delegation['backend']}" + (f"; outside: {outside}" if outside else ""))
 
 
-def _load_data(cfg: ExportConfig, info: dict[str, Any], input_shape: tuple[int, int, int]) -> _Data:
-    """Parity images from the test split; calibration images from the train split (int8 only)."""
-    from rslad_edge.data import dataset_for_model, load_dataset, subset, to_float
+def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
+    """Parity images from the test split; calibration images from the train split (int8 only): only the images
+    used are read, brought to the checkpoint's input size as it was trained (``input.preprocess``)."""
+    from rslad_edge.data import dataset_for_model, load_sample, preprocess_for_model, to_float
 
     dataset, data_root = dataset_for_model(cfg.dataset, cfg.data_root, info)
+    size = (info.get("input") or {}).get("size")
+    input_size = tuple(int(s) for s in size) if size else None
+    crop_pct = (preprocess_for_model(info) or {}).get("crop_pct")
 
     def load(split: str, n: int, purpose: str) -> Any:
         try:
-            images = subset(load_dataset(dataset, data_root, split, seed=cfg.seed), n, cfg.seed)
+            images = load_sample(dataset, data_root, split, n, cfg.seed, input_size=input_size, crop_pct=crop_pct)
         except (RsladEdgeError, OSError, RuntimeError) as exc:
             raise DatasetError(
                 f"{purpose} needs {split} images of the model's dataset and '{dataset}' could not be loaded from "
@@ -288,21 +293,20 @@ def _load_data(cfg: ExportConfig, info: dict[str, Any], input_shape: tuple[int, 
         if images.num_classes != info["num_classes"]:
             raise DatasetError(f"--dataset {dataset} has {images.num_classes} classes but the model has "
                                f"{info['num_classes']}: pass the dataset the model was trained on")
-        if tuple(images.input_size) != input_shape[1:]:
-            raise DatasetError(f"--dataset {dataset} has {images.input_size[0]}x{images.input_size[1]} images but "
-                               f"the model takes {input_shape[1]}x{input_shape[2]}")
         return images
 
     # Calibration first: for int8, a missing dataset is first of all missing calibration data.
     calib = load("train", cfg.calib_n, "int8 calibration") if cfg.precision == "int8" else None
     test = load("test", cfg.parity_n, "the parity check against PyTorch")
     return _Data(
-        parity_images=to_float(test.images).numpy(),
+        parity_images=to_float(test.read()).numpy(),
         parity_labels=test.labels.numpy(),
-        calib_images=None if calib is None else to_float(calib.images).numpy(),
+        calib_images=None if calib is None else to_float(calib.read()).numpy(),
         description=f"{dataset} test, {len(test)} images, seed {cfg.seed}",
         dataset=dataset,
         classes=list(test.classes),
+        input_size=test.input_size,
+        preprocess=test.preprocess,
     )
 
 
@@ -348,11 +352,13 @@ def _metadata(
         "format": METADATA_FORMAT,
         "artifact": artifact,
         "arch": info["arch"],
+        "arch_kwargs": info.get("arch_kwargs") or None,
         "num_classes": info["num_classes"],
         "classes": data.classes,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "input_size": list(source.input_shape[1:]),
+        "preprocess": data.preprocess,
         "input_range": [0.0, 1.0],
         "input_layout": "NCHW",
         "input_dtype": "float32",

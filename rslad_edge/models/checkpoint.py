@@ -2,11 +2,19 @@
 
 The rslad-edge format is one file::
 
-    {"format": "rslad-edge/1", "arch", "num_classes", "input": {"size", "range"}, "state_dict", "meta": {...}}
+    {"format": "rslad-edge/1", "arch", "arch_kwargs", "num_classes",
+     "input": {"size", "range", "layout", "dtype", "mean", "std", "preprocess"}, "state_dict", "meta": {...}}
 
-Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint is data, never code.
-Bare state dicts (RSLAD, ARD, TRADES, AutoAttack, RobustBench) load too when the architecture is given; their
-``module.`` / ``model.`` / ``_orig_mod.`` prefixes are stripped and the class count is read off the classifier.
+``arch`` is a registry name, ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``, built with
+``arch_kwargs``; ``input.size`` is the (H, W) it was trained at, ``input.mean`` / ``std`` the normalisation inside the
+model (torchvision / timm wrappers), ``input.preprocess`` how images were brought to that size. So export, verify and
+bench rebuild the model and its data from the file alone.
+
+Everything is loaded with ``torch.load(weights_only=True)``: a checkpoint is data, never code (a factory it names is
+imported only when the caller names the same one). Bare state dicts (RSLAD, ARD, TRADES, AutoAttack, RobustBench, a
+torchvision / timm model's own) load too when the architecture is given; their ``module.`` / ``model.`` /
+``_orig_mod.`` prefixes are stripped and the class count is read off the classifier; their input size is the one
+given, else the data's.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from torch import nn
 
 from rslad_edge.errors import CheckpointError
 from rslad_edge.io import atomic_write
-from rslad_edge.models.registry import MODELS, create_model, get_spec
+from rslad_edge.models.external import Normalized, is_factory_spec, trust_factory
+from rslad_edge.models.registry import MODELS, canonical_arch, create_model
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +48,27 @@ def save_checkpoint(
     arch: str,
     *,
     num_classes: int,
-    input_size: tuple[int, int] = (32, 32),
+    input_size: tuple[int, int],
+    arch_kwargs: Mapping[str, Any] | None = None,
+    preprocess: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a self-describing checkpoint atomically. ``extra`` holds training state (optimizer, RNG) for resume."""
-    state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    plain = _unwrap(model)
+    state_dict = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
+    model_input: dict[str, Any] = {"size": [int(s) for s in input_size], "range": [0.0, 1.0], "layout": "NCHW",
+                                   "dtype": "float32"}
+    if isinstance(plain, Normalized):
+        model_input.update(mean=plain.mean.flatten().tolist(), std=plain.std.flatten().tolist())
+    if preprocess:
+        model_input["preprocess"] = dict(preprocess)
     payload = {
         "format": FORMAT,
-        "arch": get_spec(arch).name,
+        "arch": canonical_arch(arch),
+        "arch_kwargs": dict(arch_kwargs or {}),
         "num_classes": int(num_classes),
-        "input": {"size": list(input_size), "range": [0.0, 1.0], "layout": "NCHW", "dtype": "float32"},
+        "input": model_input,
         "state_dict": state_dict,
         "meta": dict(meta or {}),
         **dict(extra or {}),
@@ -78,17 +97,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, arch: str | None = None, num_classes: int | None = None
+    path: str | Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    *,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a model from an rslad-edge checkpoint or a bare state dict; returns ``(model in eval mode, info)``.
 
-    ``info`` has ``arch``, ``num_classes``, ``input`` and ``meta`` (empty for bare state dicts).
+    ``info`` has ``arch``, ``arch_kwargs``, ``num_classes``, ``input`` and ``meta`` (empty for bare state dicts).
+    ``input_size`` is the (H, W) of a bare state dict (None: the data's); a checkpoint knows its own.
     """
     path = Path(path)
     obj = read_checkpoint(path)
     if obj.get("format") == FORMAT:
         file_arch = obj["arch"]
-        if arch is not None and get_spec(arch).name != file_arch:
+        if is_factory_spec(file_arch):
+            trust_factory(arch or "", file_arch, path)
+        elif arch is not None and canonical_arch(arch) != file_arch:
             raise CheckpointError(
                 f"'{path}' is a {file_arch} checkpoint but --arch {arch} was given; drop --arch or pass {file_arch}"
             )
@@ -97,8 +124,9 @@ def load_checkpoint(
                 f"'{path}' has {obj['num_classes']} classes but --num-classes {num_classes} was given"
             )
         arch, state_dict = file_arch, obj["state_dict"]
-        info = {"arch": file_arch, "num_classes": obj["num_classes"], "input": obj.get("input", {}),
-                "meta": obj.get("meta", {}), "format": FORMAT}
+        arch_kwargs = dict(obj.get("arch_kwargs") or {})
+        info = {"arch": file_arch, "arch_kwargs": arch_kwargs, "num_classes": obj["num_classes"],
+                "input": obj.get("input", {}), "meta": obj.get("meta", {}), "format": FORMAT}
     else:
         state_dict = _find_state_dict(obj, path)
         inferred_classes = _infer_num_classes(state_dict)
@@ -107,11 +135,17 @@ def load_checkpoint(
             hint = f" (its keys match '{guess}')" if guess else ""
             raise CheckpointError(f"'{path}' is a bare state dict: pass --arch{hint}. Known: {', '.join(MODELS)}.")
         num_classes = num_classes or inferred_classes
-        arch = get_spec(arch).name
-        info = {"arch": arch, "num_classes": num_classes, "input": {"size": [32, 32], "range": [0.0, 1.0]},
-                "meta": {}, "format": "state_dict"}
-    model = create_model(arch, info["num_classes"])
-    _load_state_dict(model, state_dict, arch, path)
+        arch = canonical_arch(arch)
+        model_input: dict[str, Any] = {"range": [0.0, 1.0]}
+        if input_size is not None:
+            model_input["size"] = [int(s) for s in input_size]
+        info = {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "num_classes": num_classes,
+                "input": model_input, "meta": {}, "format": "state_dict"}
+    model = create_model(arch, info["num_classes"], info["arch_kwargs"])
+    if isinstance(model, Normalized) and info["format"] == "state_dict" and "mean" not in state_dict:
+        _load_state_dict(model.net, state_dict, arch, path)  # a torchvision / timm model's own state dict
+    else:
+        _load_state_dict(model, state_dict, arch, path)
     model.eval()
     return model, info
 

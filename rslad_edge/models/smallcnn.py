@@ -24,13 +24,13 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            *_conv_bn_relu(3, width),  # (B, w, 32, 32)
+            *_conv_bn_relu(3, width),  # (B, w, H, W)
             *_conv_bn_relu(width, 2 * width),
-            nn.MaxPool2d(2),  # (B, 2w, 16, 16)
+            nn.MaxPool2d(2),  # (B, 2w, H/2, W/2)
             *_conv_bn_relu(2 * width, 4 * width),
-            nn.MaxPool2d(2),  # (B, 4w, 8, 8)
+            nn.MaxPool2d(2),  # (B, 4w, H/4, W/4)
             *_conv_bn_relu(4 * width, 4 * width),
-            nn.MaxPool2d(2),  # (B, 4w, 4, 4)
+            nn.MaxPool2d(2),  # (B, 4w, H/8, W/8)
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )

@@ -182,9 +182,10 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     section and the key at fault. ``with_fp16`` / ``engines``: add fp16 / build TensorRT engines (a GPU is here)."""
     from rslad_edge.attacks import parse_eps
     from rslad_edge.bench.suite import BenchConfig
-    from rslad_edge.distill.config import DistillConfig, resolve_config
+    from rslad_edge.distill.config import DistillConfig, parse_input_size, resolve_config
     from rslad_edge.export import ExportConfig
     from rslad_edge.export.config import FORMAT_PRECISIONS
+    from rslad_edge.models.external import is_factory_spec
     from rslad_edge.verify import VerifyConfig
     from rslad_edge.verify.suite import checkpoint_attacks as checkpoint_attacks_of
     from rslad_edge.verify.suite import parse_attacks
@@ -194,6 +195,9 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     for key in ("eps", "step_size"):  # written 8/255 in YAML, as on the command line
         if isinstance(distill.get(key), str):
             distill[key] = _in_section("distill", lambda k=key: parse_eps(distill[k]), key=key.replace("_", "-"))
+    if isinstance(distill.get("input_size"), (int, str)):  # 96 or "96x128", as on the command line
+        distill["input_size"] = _in_section("distill", lambda: parse_input_size(distill["input_size"]),
+                                            key="input-size")
     distill = dict(_checked(distill, "distill", DistillConfig))
     preset = distill.pop("preset", None)
     distill_cfg = _in_section("distill", lambda: resolve_config(
@@ -201,7 +205,9 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     dataset = {"name": distill_cfg.dataset, "root": distill_cfg.data_root}
     student = out / "student.pt"
 
-    export = dict(_checked(sections["export"], "export", ExportConfig))
+    # A student built by package.module:factory is rebuilt from its checkpoint only when named (it runs code).
+    factory = {"arch": distill_cfg.student} if is_factory_spec(distill_cfg.student) else {}
+    export = {**factory, **_checked(sections["export"], "export", ExportConfig)}
     precisions = list(export.pop("precisions", ["fp32", "int8"]))
     formats = _in_section("export", lambda: export_formats(export.pop("formats", ["onnx"])), key="formats")
     export.setdefault("dataset", dataset["name"])
@@ -220,7 +226,7 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
             checkpoint=student, precision=p, out=out / "export", format=f, **export))
             for precision in format_precisions]
 
-    verify = dict(_checked(sections["verify"], "verify", VerifyConfig))
+    verify = {**factory, **_checked(sections["verify"], "verify", VerifyConfig)}
     checkpoint_attacks = verify.pop("checkpoint_attacks", None)
     export_attacks = verify.pop("export_attacks", None)
     for key, names in (("checkpoint-attacks", checkpoint_attacks), ("export-attacks", export_attacks)):

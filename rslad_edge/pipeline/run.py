@@ -182,6 +182,7 @@ def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
 def _run_bench(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
     from rslad_edge.bench import bench_artifacts
     from rslad_edge.bench.accuracy import accuracies_from_record
+    from rslad_edge.models.external import is_factory_spec
 
     artifacts = record.artifacts
     accuracies = accuracies_from_record(record)
@@ -191,10 +192,8 @@ def _run_bench(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
         device = bench_cfg.resolved_device()
         json_path = record.root / "bench" / f"{device}.json"
         plot = bench_cfg.plot and importlib.util.find_spec("matplotlib") is not None
-        bench_artifacts([a.path for a in artifacts], device=device, batches=bench_cfg.batch, warmup=bench_cfg.warmup,
-                        warmup_seconds=bench_cfg.warmup_seconds, iters=bench_cfg.iters, seconds=bench_cfg.seconds,
-                        min_iters=bench_cfg.min_iters, threads=bench_cfg.threads, precisions=bench_cfg.precision,
-                        provider=bench_cfg.provider, accuracies=accuracies, json_path=json_path, plot=plot)
+        bench_artifacts([a.path for a in artifacts], **bench_cfg.options(), accuracies=accuracies, json_path=json_path,
+                        plot=plot, arch=cfg.distill.student if is_factory_spec(cfg.distill.student) else None)
         record.bench = BenchEntry(device=device, batches=list(bench_cfg.batch), json_path=json_path,
                                   plot_path=json_path.with_suffix(".png") if plot else None)
         return [json_path] + ([record.bench.plot_path] if record.bench.plot_path else [])

@@ -42,10 +42,12 @@ class TorchRunner:
         self.precision = self.autocast.name
         self.provider = str(self.device)  # what runs is exactly what was asked: torch does not fall back
         self.num_classes = int(info["num_classes"])
-        height, width = (info.get("input") or {}).get("size", [32, 32])
+        # (C, H, W) as the checkpoint was trained; a bare state dict knows no size: 0 = any (the data's)
+        height, width = (info.get("input") or {}).get("size") or (0, 0)
         self.input_shape = (3, int(height), int(width))
         self.metadata = {
-            "arch": info["arch"], "num_classes": self.num_classes, "input": info.get("input", {}),
+            "arch": info["arch"], "arch_kwargs": info.get("arch_kwargs", {}), "num_classes": self.num_classes,
+            "input": info.get("input", {}),
             "meta": info.get("meta", {}), "format": info.get("format"), "precision": self.precision,
         }
         self.threads = threads

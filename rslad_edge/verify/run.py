@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rslad_edge.attacks.square import DEFAULT_SCHEDULE
-from rslad_edge.data import ImageSet, dataset_for_model, load_dataset, subset, to_float
+from rslad_edge.data import ImageSet, dataset_for_model, load_sample, preprocess_for_model, to_float
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
 from rslad_edge.runtime import CHECKPOINT_SUFFIXES, Runner, load_runner
@@ -99,7 +99,7 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
                                            getattr(reference, "metadata", None))
     images, notes = load_verify_images(dataset, data_root, cfg.n, cfg.seed, runner)
     report = verify(
-        runner, to_float(images.images), images.labels, attacks=cfg.attacks, eps=cfg.eps, reference=reference,
+        runner, to_float(images.read()), images.labels, attacks=cfg.attacks, eps=cfg.eps, reference=reference,
         sources=sources, square_queries=cfg.square_queries, square_schedule=cfg.square_schedule,
         batch_size=cfg.batch_size, seed=cfg.seed,
         aa_version=cfg.aa_version, progress=progress,
@@ -115,9 +115,14 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
 def load_verify_images(
     dataset: str, data_root: str | None, n: int, seed: int, runner: Runner
 ) -> tuple[ImageSet, list[str]]:
-    """``n`` seeded test images that fit ``runner`` (class count, image size); notes say what was adjusted."""
+    """``n`` seeded test images that fit ``runner`` (class count, image size), brought to the model's size as it was
+    trained; only those images are read. Notes say what was adjusted."""
+    metadata = getattr(runner, "metadata", None) or {}
+    _, height, width = runner.input_shape
+    input_size = (int(height), int(width)) if height and width else None
+    crop_pct = (preprocess_for_model(metadata) or {}).get("crop_pct")
     try:
-        test = load_dataset(dataset, data_root, "test", seed=seed)
+        test = load_sample(dataset, data_root, "test", n, seed, input_size=input_size, crop_pct=crop_pct)
     except DatasetError as exc:
         raise DatasetError(f"--dataset {dataset}: {exc}") from exc
     notes: list[str] = []
@@ -131,7 +136,7 @@ def load_verify_images(
         notes.append(f"the class names of --dataset {dataset} differ from those {Path(runner.path).name} was "
                      f"exported with ({', '.join(map(str, trained_classes[:3]))}, ...): is it the right dataset?")
     channels, height, width = runner.input_shape
-    size = (test.images.shape[1], *test.input_size)
+    size = (3, *test.input_size)
     if (channels and channels != size[0]) or (height and height != size[1]) or (width and width != size[2]):
         raise DatasetError(
             f"{Path(runner.path).name} takes {channels}x{height}x{width} images but --dataset {dataset} has "
@@ -140,15 +145,15 @@ def load_verify_images(
     if n > len(test):
         notes.append(f"--n {n} is more than the {len(test)} test images of {dataset}: using all {len(test)}")
         logger.warning(notes[-1])
-        n = len(test)
-    return subset(test, n, seed), notes
+    return test, notes
 
 
 def _open(path: Path, cfg: VerifyConfig) -> Runner:
     """load_runner with ``--arch`` / ``--num-classes`` passed only to bare state dicts (a self-describing checkpoint
     names its own architecture), so one --arch serves a bare teacher next to an rslad-edge student."""
     is_checkpoint = path.suffix.lower() in CHECKPOINT_SUFFIXES
-    bare = is_checkpoint and not _is_self_describing(path)
+    # --arch reaches bare state dicts, and checkpoints of a package.module:factory (rebuilt only when named)
+    bare = is_checkpoint and _takes_arch(path)
     device = cfg.device
     if is_checkpoint and device.startswith("trt"):
         device = "cuda" + device[3:]  # the reference and sources run in PyTorch on the GPU TensorRT uses
@@ -158,7 +163,10 @@ def _open(path: Path, cfg: VerifyConfig) -> Runner:
                        threads=cfg.threads, batch_size=cfg.batch_size, spinning=False)
 
 
-def _is_self_describing(path: Path) -> bool:
+def _takes_arch(path: Path) -> bool:
+    """A bare state dict, or a checkpoint of a package.module:factory (rebuilt only when --arch names it)."""
     from rslad_edge.models.checkpoint import FORMAT, read_checkpoint
+    from rslad_edge.models.external import is_factory_spec
 
-    return read_checkpoint(path).get("format") == FORMAT
+    checkpoint = read_checkpoint(path)
+    return checkpoint.get("format") != FORMAT or is_factory_spec(str(checkpoint.get("arch") or ""))
