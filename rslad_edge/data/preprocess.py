@@ -35,6 +35,8 @@ def check_input_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     give instead."""
     sides = (input_size, input_size) if isinstance(input_size, int) else input_size
     try:
+        if isinstance(sides, str | bytes):
+            raise TypeError("a string, not a pair of sizes")
         height, width = (int(side) for side in sides)
         valid = all(not isinstance(side, bool) and float(side) == int(side) for side in sides)
     except (TypeError, ValueError):
