@@ -197,6 +197,23 @@ def test_the_cache_is_reused_and_redone_when_a_file_or_the_input_size_changes(tr
     assert not list(_cache(tree).glob("*.tmp"))
 
 
+def test_decoding_writes_rows_straight_into_the_memory_mapped_cache_and_logs_where(tree, monkeypatch, caplog):
+    targets = []
+    decode = imagefolder._decode_images
+
+    def recording(files, resize, allocate):
+        pixels, skipped = decode(files, resize, allocate)
+        targets.append(pixels)
+        return pixels, skipped
+
+    monkeypatch.setattr(imagefolder, "_decode_images", recording)
+    with caplog.at_level(logging.INFO, logger="rslad_edge.data"):
+        _load(tree, 10**9)
+    assert isinstance(targets[0], np.memmap) and targets[0].filename.endswith(".tmp")  # renamed when complete
+    npy = next(_cache(tree).glob("*.npy"))
+    assert f"into the cache {npy}" in caplog.text and f"cached 36 decoded images in {npy} (168.9 KiB)" in caplog.text
+
+
 def test_an_unwritable_cache_decodes_into_memory_when_it_fits_and_names_the_variable_when_not(
     tree, monkeypatch, caplog
 ):

@@ -1,6 +1,6 @@
 """``imagefolder``: ``root/{train,test}/<class>/<image>``, decoded once into a uint8 ``.npy`` cache.
 
-Decoding 60,000 small JPEGs costs seconds to tens of seconds, a million large ones an hour; every training, verify
+Decoding 60,000 small JPEGs costs seconds to tens of seconds, a million large ones far longer; every training, verify
 and bench run needs the same pixels. So the first load decodes (in a thread pool: PIL releases the GIL while
 decoding), brings every image to the input size on the way (``preprocess.py``), and writes the rows straight into a
 memory-mapped ``.npy`` file, so decoding never holds the split in memory. Later loads read that file: whole into
@@ -93,8 +93,9 @@ def load_imagefolder(
     hit = cache.read(key)
     if hit is not None:
         meta, mapped = hit
-        log.info("loaded %d images of %s from cache %s", mapped.shape[0], folder.split_dir, cache.npy)
-        return _image_set(folder, resize, mapped, _skipped_rows(meta), budget)
+        data = _image_set(folder, resize, mapped, _skipped_rows(meta), budget)
+        log.info("loaded %d images of %s from cache %s", len(data), folder.split_dir, cache.npy)
+        return data
 
     started = time.perf_counter()
     source, skipped = _decode_to_cache(folder, resize, cache, key, budget)
@@ -117,7 +118,8 @@ def load_imagefolder_sample(
     From the cache when there is one (only the sampled rows are read). Without one, the sample is drawn over the
     scanned files and only those are decoded (no cache is written): that equals the subset of the full load as long
     as every file decodes. A file that does not is dropped from the sample with a warning, and since the full load
-    would have dropped it before sampling, that sample then differs from the one a cached load gives.
+    would have dropped it before sampling, that sample then differs from the one a cached load gives. ``n=None`` or
+    ``n`` at least the number of files: the full load itself (streamed when over the memory budget).
     """
     if n is not None and n < 1:
         raise ConfigError(f"subset size must be at least 1, got {n}")

@@ -84,8 +84,8 @@ def load_sample(
     input_size: tuple[int, int] | None = None,
     crop_pct: float | None = None,
 ) -> ImageSet:
-    """``subset(load_dataset(name, root, split, input_size=..., crop_pct=...), n, seed)``, in memory, at the cost of
-    the ``n`` images only: what export (parity, calibration) and verify need.
+    """``subset(load_dataset(name, root, split, input_size=..., crop_pct=...), n, seed)`` at the cost of the ``n``
+    images only, in memory: what export (parity, calibration) and verify need.
 
     The same images in the same order with the same labels as that expression. For ``imagefolder`` only the sampled
     files are decoded when there is no cache yet (and only their rows read when there is one; see
@@ -151,29 +151,27 @@ def _resize_tensor_set(data: ImageSet, resize: EvalResize | None, budget: int) -
     prefix = f"resized-{data.name.replace('/', '-')}-{resize.tag}-"
     cache = CacheFiles(default_cache_dir(), prefix + key[:16], prefix)
     hit = cache.read(key)
-    if hit is None:
-        try:
-            rows = cache.create(shape)
-        except OSError as error:
-            raise DatasetError(
-                f"{data.name} at {height}x{width} takes {format_bytes(nbytes)}, over the memory budget "
-                f"({format_bytes(budget)}), and its cache folder {cache.folder} is not writable ({error}); set "
-                f"{CACHE_ENV} to a writable folder with room for it"
-            ) from error
+    if hit is not None:
+        log.info("streaming %d images of %s at %dx%d from cache %s", len(data), data.name, height, width, cache.npy)
+        store = hit[1]
+    else:
         log.info("resizing %d images of %s to %dx%d into the cache %s (%s: over the memory budget, so streamed)",
                  len(data), data.name, height, width, cache.npy, format_bytes(nbytes))
         try:
+            rows = cache.create(shape)
             preprocess_tensor(data.images, resize, out=rows)
             cache.commit(rows, {"format": _RESIZED_FORMAT, "key": key, "dataset": data.name, "shape": list(shape),
                                 "preprocess": resize.describe()})
-        except BaseException:
-            cache.abort()
-            raise
+        except OSError as error:
+            raise DatasetError(
+                f"{data.name} at {height}x{width} takes {format_bytes(nbytes)}, over the memory budget "
+                f"({format_bytes(budget)}), and its cache {cache.npy} cannot be written ({error}); set {CACHE_ENV} "
+                "to a writable folder with room for it"
+            ) from error
+        finally:
+            cache.abort()  # a no-op once committed
         del rows
         store = MappedImages(cache.npy)
-    else:
-        store = hit[1]
-        log.info("streaming %d images of %s at %dx%d from cache %s", len(data), data.name, height, width, cache.npy)
     return ImageSet(images=None, labels=data.labels, classes=list(data.classes), name=data.name,
                     preprocess=resize.describe(), store=store)
 
