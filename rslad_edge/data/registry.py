@@ -70,8 +70,7 @@ def load_dataset(
         return load_imagefolder(_folder_root(root), split, input_size=input_size, crop_pct=crop_pct,
                                 memory_budget=memory_budget)
     data = _load_tensor_set(key, root, split, download=download, seed=seed, n_train=n_train, n_test=n_test)
-    budget = default_memory_budget() if memory_budget is None else memory_budget
-    return _resize_tensor_set(data, resize, budget)
+    return _resize_tensor_set(data, resize, memory_budget)
 
 
 def load_sample(
@@ -100,7 +99,7 @@ def load_sample(
     if key == "imagefolder":
         return load_imagefolder_sample(_folder_root(root), split, n, seed, input_size=input_size, crop_pct=crop_pct)
     sample = subset(_load_tensor_set(key, root, split), n, seed)
-    return _resize_tensor_set(sample, resize, default_memory_budget())
+    return _resize_tensor_set(sample, resize, None)
 
 
 def _check_request(name: str, split: str, n_train: int | None, n_test: int | None) -> str:
@@ -132,11 +131,13 @@ def _load_tensor_set(
     return load_cifar(key, data_root, split, download=download)
 
 
-def _resize_tensor_set(data: ImageSet, resize: EvalResize | None, budget: int) -> ImageSet:
-    """An in-memory set brought to ``resize``'s input size: in memory when the result fits ``budget`` bytes, else
-    resized chunk by chunk into a cache file (keyed by the pixels themselves) and streamed from it."""
+def _resize_tensor_set(data: ImageSet, resize: EvalResize | None, budget: int | None) -> ImageSet:
+    """An in-memory set brought to ``resize``'s input size: in memory when the result fits ``budget`` bytes (default
+    :func:`default_memory_budget`), else resized chunk by chunk into a cache file (keyed by the pixels themselves)
+    and streamed from it."""
     if resize is None or resize.is_identity_for(*data.input_size):
         return data
+    budget = default_memory_budget() if budget is None else budget
     height, width = resize.input_size
     shape = (len(data), 3, height, width)
     nbytes = int(np.prod(shape))
