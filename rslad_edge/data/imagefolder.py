@@ -49,7 +49,7 @@ __all__ = ["CACHE_ENV", "IMAGE_EXTENSIONS", "default_cache_dir", "load_imagefold
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _CACHE_FORMAT = "rslad-edge/imagefolder/2"  # bump when the cached content or key changes meaning
 _NAMED_SKIPS = 5  # undecodable files named in the warning; the rest are counted
-_CHUNK = 256  # files per thread-pool task: small enough to spread a few thousand files over the workers
+_CHUNK = 256  # files per job of the thread pool: small enough to spread a few thousand files over the workers
 
 
 @dataclass(frozen=True)
@@ -449,5 +449,6 @@ def _decode_one(path: Path, resize: EvalResize | None) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... for broken files
-        raise _Undecodable(f"{type(error).__name__}: {error}") from error
+        reason = " ".join(f"{type(error).__name__}: {error}".split())  # one line, whatever the decoder said
+        raise _Undecodable(reason) from error
     return np.asarray(rgb) if resize is None else preprocess_pil(rgb, resize)

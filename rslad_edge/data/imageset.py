@@ -52,14 +52,15 @@ class _InMemoryImages:
 class ImageSet:
     """A split: uint8 (N, 3, H, W) images, int64 (N,) labels, class names, a display name.
 
-    In memory (``images`` given: today's form, ``ImageSet(images=..., labels=..., classes=..., name=...)``) or
+    In memory (``images`` given, the usual ``ImageSet(images=..., labels=..., classes=..., name=...)``) or
     streamed (``images=None``, ``store`` the memory-mapped rows and ``rows`` the positions of this set's images in it,
     ``None`` for all of them in order). :meth:`read` and :meth:`take` work on both; ``images`` and :meth:`to_device`
     only on an in-memory set. ``preprocess`` says how the images were brought to their size (see ``preprocess.py``),
     ``None`` when they are the data's own pixels.
 
     Treat it as immutable: the device copies made by :meth:`to_device` are cached on the instance and would not see
-    in-place edits. Build a new ImageSet (e.g. with :func:`subset`) instead.
+    in-place edits. Build a new ImageSet (e.g. with :func:`subset`, or ``dataclasses.replace`` on an in-memory set)
+    instead.
     """
 
     images: torch.Tensor | None = _InMemoryImages()  # type: ignore[assignment]
