@@ -20,7 +20,13 @@ from rslad_edge.data.augment import AUGMENT_RECIPES, augment_batch, augment_reci
 from rslad_edge.data.imagefolder import default_cache_dir
 from rslad_edge.data.imageset import HeldOut, ImageSet, hold_out, subset, to_float
 from rslad_edge.data.preprocess import eval_crop_pct
-from rslad_edge.data.registry import DATASET_NAMES, dataset_for_model, load_dataset, load_sample
+from rslad_edge.data.registry import (
+    DATASET_NAMES,
+    dataset_for_model,
+    load_dataset,
+    load_sample,
+    preprocess_for_model,
+)
 from rslad_edge.data.store import default_memory_budget
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "hold_out",
     "load_dataset",
     "load_sample",
+    "preprocess_for_model",
     "subset",
     "to_float",
 ]

@@ -182,17 +182,19 @@ def dataset_for_model(
 ) -> tuple[str, str | None]:
     """The dataset (and its folder) a model is measured on: ``--dataset`` / ``--data-root`` when given, else what
     the first of ``model_metadata`` that says so was trained on (a checkpoint's info or an exported artifact's
-    metadata), else cifar10. The one rule export (parity, calibration), verify and the pipeline share."""
-    trained_on, trained_root = None, None
+    metadata), else cifar10; the folder is the first one any of them records for that dataset (an export records
+    the dataset, its checkpoint the folder too). The one rule export (parity, calibration), verify and the pipeline
+    share."""
+    trained: list[tuple[str, str | None]] = []
     for metadata in model_metadata:
         meta = metadata or {}
         inner = meta.get("meta") or {}
-        trained_on = meta.get("trained_on") or inner.get("dataset")
-        if trained_on:
-            trained_root = (inner.get("config") or {}).get("data_root")
-            break
+        name = meta.get("trained_on") or inner.get("dataset")
+        if name:
+            trained.append((str(name), meta.get("data_root") or (inner.get("config") or {}).get("data_root")))
+    trained_on = trained[0][0] if trained else None
     name = str(dataset or trained_on or "cifar10")
-    root = data_root if data_root is not None else (trained_root if name == trained_on else None)
+    root = data_root if data_root is not None else next((r for n, r in trained if n == name and r), None)
     return name, root
 
 
