@@ -23,22 +23,30 @@ It prints one table and writes ``OUT/gpu_check.json`` (environment, settings, ev
 error, figures) after every phase, so a run cut short still leaves what it measured, and ``OUT/gpu_check.log`` (the
 output of every stage). Exit status: 0 when every phase passed (a skipped AutoAttack included), 1 otherwise.
 
-On the GPU machine (a bare machine with torch, onnx, onnxruntime, typer, rich, no internet):
+On a GPU machine with internet, from the repository root (the stages download CIFAR-10 when ``--data`` is a
+folder that lacks it, and pip brings pyautoattack for the AutoAttack phase)::
 
-1. HERE, once, from the repository root (the archive is 18.7 MiB, so it travels whole; pyautoattack's wheel is
-   42 MiB because of an example model, so only its code travels, 0.13 MiB):
+    pip install -e ".[autoattack]"
+    python benchmarks/gpu_check.py --data cifar10-jpeg.tar.gz --out runs/gpu-check
 
-       python benchmarks/gpu_check.py --prepare       # writes gpu_data/ (git-ignored)
+On an offline GPU machine (torch, onnx, onnxruntime, typer and rich installed; nothing can be downloaded there):
 
-2. THERE (carry ``gpu_data``), one line:
+1. On a machine that has the data, once, from the repository root: ``--prepare`` copies the CIFAR-10 JPEG archive
+   (``--data``; an image folder tree ``cifar10/{train,test}/<class>/*.jpg`` packed as ``.tar.gz``, 18.7 MiB) and
+   pyautoattack's code (its wheel is 42 MiB because of an example model it does not need; the code is 0.13 MiB) into
+   ``gpu_data/`` (git-ignored), small enough to copy along with the checkout::
+
+       python benchmarks/gpu_check.py --prepare --data cifar10-jpeg.tar.gz
+
+2. On the GPU machine, with the checkout and ``gpu_data/`` copied there::
 
        python3 -m pip install -q -e . --no-deps --no-build-isolation; PYTHONUNBUFFERED=1 python3
-       benchmarks/gpu_check.py --data gpu_data/cifar10-jpeg.tar.gz --site gpu_data/site --out $OUT
+       benchmarks/gpu_check.py --data gpu_data/cifar10-jpeg.tar.gz --site gpu_data/site --out runs/gpu-check
 
-   pip must not try to fetch dependencies (no internet): --no-deps. The ``;`` lets the check run even if the install
-   fails (the stages run from the checkout either way, and the env phase records whether the install worked).
+   ``--no-deps``: pip must not try to fetch dependencies. The ``;`` lets the check run even if the install fails
+   (the stages run from the checkout either way, and the env phase records whether the install worked).
 
-On a CPU, without ``../shared`` (the default test suite runs this; about a minute on two cores):
+On a CPU, with no data at all (the default test suite runs this; about a minute on two cores):
 
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check             # synthetic shapes data, tiny runs
     python benchmarks/gpu_check.py --dry-run --data tiny.tar.gz --out DIR     # a tiny imagefolder archive
@@ -74,8 +82,8 @@ from typing import Any
 # The check itself imports nothing from rslad_edge (only its probes and the stages do, with the checkout on their
 # PYTHONPATH), so it records a broken install instead of dying of it.
 REPO = Path(__file__).resolve().parents[1]
-SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-SHARED_ARCHIVE_SHA256 = "d0fa18ce7a86ee512727ed96b37825d1a52484b879d883f3b6a449ff847c7d14"  # shared/data/README.md
+# The sha256 of the CIFAR-10 JPEG archive the README's figures were made with (any image-folder archive works).
+KNOWN_ARCHIVE_SHA256 = "d0fa18ce7a86ee512727ed96b37825d1a52484b879d883f3b6a449ff847c7d14"
 PREPARED_DIR = REPO / "gpu_data"
 RECORD_FORMAT = "rslad-edge/gpu-check/1"
 STOP_GRACE_S = 30.0  # after SIGTERM at a budget's end: distill saves its state, then exits 130
@@ -464,8 +472,7 @@ class GpuCheck:
             raise PhaseFailed(f"--data {archive}: cannot unpack ({_one_line(str(exc))})") from None
         phase.figures.update(archive=str(archive), archive_mib=round(archive.stat().st_size / 2**20, 1),
                              unpack_seconds=round(time.monotonic() - started, 1))
-        if archive.name == SHARED_ARCHIVE.name:
-            phase.figures["archive_sha256_ok"] = _sha256(archive) == SHARED_ARCHIVE_SHA256
+        phase.figures["archive_is_the_readmes"] = _sha256(archive) == KNOWN_ARCHIVE_SHA256
         return _imagefolder_root(target)
 
     def teacher(self, phase: Phase) -> None:
@@ -697,13 +704,13 @@ def _last_json_line(output: str) -> dict[str, Any]:
 
 
 def prepare(archive: Path, target: Path) -> None:
-    """HERE, before a GPU run: copy the CIFAR-10 archive (checked against its sha256) and pyautoattack's code (without
-    its 42 MiB example model) into ``target``, a git-ignored folder that travels with ``carry``."""
+    """Before a run on an offline GPU machine: copy the CIFAR-10 archive and pyautoattack's code (without its 42 MiB
+    example model) into ``target``, a git-ignored folder to copy there with the checkout."""
     target.mkdir(parents=True, exist_ok=True)
     if not archive.is_file():
         sys.exit(f"error: {archive} does not exist; pass --data with the CIFAR-10 JPEG archive")
-    if _sha256(archive) != SHARED_ARCHIVE_SHA256:
-        print(f"warning: {archive} is not the shared archive (sha256 differs); copying it anyway")
+    if _sha256(archive) != KNOWN_ARCHIVE_SHA256:
+        print(f"note: {archive} is not the archive the README's figures were made with (sha256 differs)")
     shutil.copyfile(archive, target / archive.name)
     site = target / "site"
     shutil.rmtree(site, ignore_errors=True)
@@ -723,7 +730,7 @@ def prepare(archive: Path, target: Path) -> None:
         size = sum(p.stat().st_size for p in files)
         total += size
         print(f"{size / 2**20:8.2f} MiB  {entry} ({len(files)} file(s))")
-    print(f"{total / 2**20:8.2f} MiB  in all; the GPU run carries \"{target.name}\" (with the checkout: <= 64 MiB)")
+    print(f"{total / 2**20:8.2f} MiB  in all: copy \"{target.name}\" to the GPU machine with the checkout")
 
 
 def main() -> int:
@@ -741,8 +748,8 @@ def main() -> int:
     parser.add_argument("--budget", action="append", default=[], metavar="PHASE=SECONDS",
                         help=f"override a phase's budget; phases: {', '.join(PHASES)}")
     parser.add_argument("--prepare", action="store_true",
-                        help=f"HERE: copy the archive (--data, default {SHARED_ARCHIVE}) and pyautoattack's code "
-                        f"into {PREPARED_DIR.relative_to(REPO)}/, then exit")
+                        help=f"for an offline GPU machine: copy the archive (--data) and pyautoattack's code into "
+                        f"{PREPARED_DIR.relative_to(REPO)}/, then exit")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)  # internal: run by the check itself
     args = parser.parse_args()
 
@@ -752,7 +759,9 @@ def main() -> int:
         print(json.dumps(result, default=str))
         return 0
     if args.prepare:
-        prepare(args.data or SHARED_ARCHIVE, PREPARED_DIR)
+        if args.data is None:
+            parser.error("--prepare needs --data, the CIFAR-10 JPEG archive to copy")
+        prepare(args.data, PREPARED_DIR)
         return 0
 
     settings = Settings.dry_run(args.threads) if args.dry_run else Settings.gpu()

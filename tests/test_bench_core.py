@@ -318,4 +318,21 @@ def test_busy_cores_count_other_processes_not_this_ones_past_work():
     busy = busy_cores_of_others(0.0, read_stat=lambda: next(samples))
     assert busy == pytest.approx((os.cpu_count() or 1) * 200 / 300, abs=0.01)
     assert busy_cores_of_others(0.0, read_stat=lambda: "no cpu line") is None
-    assert 0 <= busy_cores_of_others(0.1) <= (os.cpu_count() or 1)  # the real /proc/stat of this machine
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="no /proc/stat on this platform")
+def test_busy_cores_see_a_process_that_spins_one_core():
+    """The real /proc/stat under a known load: a child spinning one core must show up as (nearly) one busy core."""
+    import subprocess
+    import sys
+
+    from rslad_edge.bench.env import busy_cores_of_others
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        busy = busy_cores_of_others(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and 0.8 <= busy <= (os.cpu_count() or 1) + 0.05
