@@ -83,7 +83,7 @@ class TrainObserver(Protocol):
 
 @dataclass
 class _Run:
-    """What one call of ``train`` works with, built once and not changed by the loop."""
+    """What one call of ``train`` works with, built once. Where the loop stands is not here: see Progress."""
 
     cfg: DistillConfig  # resolved: input_size and augment as run (what config.yaml records)
     method: Method
@@ -147,12 +147,11 @@ class Progress:
         self.epoch, self.batch, self.loss_sum, self.seen, self.sums = self.epoch + 1, 0, 0.0, 0, {}
 
     def means(self) -> dict[str, Any]:
-        """The epoch's per-image means: ``train_loss``, ``loss_terms`` {name: mean}, ``train_robust_acc`` (the
+        """What the epoch's loss was made of, per image: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the
         train-mode student on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that
         forward it); None where the method has no such forward."""
         seen = max(self.seen, 1)
         return {
-            "train_loss": self.loss_sum / seen,
             "loss_terms": {name: value / seen for name, value in self.sums.items() if name not in _COUNTS},
             **{key: self.sums[name] / seen if name in self.sums else None for name, key in _COUNTS.items()},
         }
@@ -236,22 +235,22 @@ def train(
                 if observer:
                     observer.evaluating(len(run.eval_y))
                 clean_acc, robust_acc = evaluate(run.student, run.eval_x, run.eval_y, cfg, run.device)
-            metrics = {"epoch": epoch, "lr": lr, **progress.means(),
+            metrics = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1), "clean_acc": clean_acc,
+                       "robust_acc": robust_acc, "lr": lr,
                        "images_per_s": (progress.seen - seen_before) / max(train_seconds, 1e-9),
-                       "eval_split": run.eval_split if evaluated else None, "clean_acc": clean_acc,
-                       "robust_acc": robust_acc, "seconds": time.perf_counter() - started}
+                       "seconds": time.perf_counter() - started, "eval_split": run.eval_split if evaluated else None,
+                       **progress.means()}
 
             # The checkpoint, on rank 0: best.pt, then last.pt (at the start of the next epoch, with the history),
             # then the metrics line: a kill at any point leaves a consistent run that --resume repairs.
-            is_best = cfg.select != "last" and robust_acc is not None and robust_acc > progress.best_robust_acc
-            if is_best:
+            meta = {"epoch": epoch, "metrics": metrics}
+            if cfg.select != "last" and robust_acc is not None and robust_acc > progress.best_robust_acc:  # rank 0
+                _save(run, best, meta)
                 progress.best_robust_acc = robust_acc
             history.append(metrics)
             progress.next_epoch()
             if dist.is_main:
-                if is_best:
-                    _save(run, best, {"epoch": epoch, "metrics": metrics})
-                _save(run, last, {"epoch": epoch, "metrics": metrics}, _training_state(run, progress, history))
+                _save(run, last, meta, _training_state(run, progress, history))
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 if observer:
@@ -586,9 +585,7 @@ def _save(run: _Run, path: Path, meta: dict[str, Any], extra: dict[str, Any] | N
 
 
 @contextlib.contextmanager
-def _saved_on_interrupt(
-    run: _Run, path: Path, progress: Progress, history: list[dict[str, Any]]
-) -> Iterator[None]:
+def _saved_on_interrupt(run: _Run, path: Path, progress: Progress, history: list[dict[str, Any]]) -> Iterator[None]:
     """Ctrl-C, or SIGTERM (a scheduler stopping the job) handled like it, inside the block: ``last.pt`` at the loop's
     position (rank 0), then :class:`TrainingInterrupted` (exit 130)."""
 
