@@ -304,6 +304,25 @@ def test_interrupt_mid_epoch_saves_and_resume_gives_the_same_student_as_an_unint
     assert b_epoch2["train_robust_acc"] == a_epoch2["train_robust_acc"]
 
 
+def test_last_checkpoint_of_the_earlier_layout_resumes_where_it_stopped(tmp_path):
+    # Earlier last.pt files keep the best robust accuracy beside "progress" rather than inside it.
+    train(tiny(tmp_path / "a", epochs=2))
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(tmp_path / "b", epochs=2), observer=InterruptAt(after_batches=4))
+    last = tmp_path / "b" / "run" / "checkpoints" / "last.pt"
+    state = read_checkpoint(last)
+    del state["progress"]["best_robust_acc"]
+    state["best_robust_acc"] = 1.0  # a best no epoch can beat: whether it was read shows in the end state
+    torch.save(state, last)
+    resumed = train(resume_config(tmp_path / "b" / "run"), resume=True)
+    a = read_checkpoint(tmp_path / "a" / "run" / "checkpoints" / "last.pt")["state_dict"]
+    b = read_checkpoint(last)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_checkpoint(last)["progress"] == {"epoch": 3, "batch": 0, "loss_sum": 0.0, "seen": 0, "sums": {},
+                                                 "best_robust_acc": 1.0}
+    assert read_checkpoint(resumed)["meta"]["epoch"] == 1  # epoch 2 did not beat the restored best
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     train(tiny(tmp_path, epochs=1))
     train(resume_config(tmp_path / "run", epochs=2), resume=True)

@@ -23,6 +23,7 @@ from rslad_edge.distill.ddp import DistInfo
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.distill.trainer import _build, craft_adversarial, train_step
 from rslad_edge.models import create_model, save_checkpoint
+from rslad_edge.models.folding import BatchNormFoldedView
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 3
 
@@ -186,9 +187,7 @@ def attacking_the_student_itself(run):
     """The run with its eval-mode attack on the student rather than on its BN-folded view. The fold is exact up to
     rounding, but where an input gradient is ~0 its sign follows rounding, so a bitwise comparison of x' with the
     authors' loop needs the same arithmetic; test_bn_folded_attack_... checks the fold itself."""
-    run = dataclasses.replace(run, folded=None)
-    run.attack_fn = run.student
-    return run
+    return dataclasses.replace(run, student_eval_view=run.student)
 
 
 # ------------------------------------------------------------------------------------ x'
@@ -301,7 +300,7 @@ def test_iad_step_has_the_authors_gradients_before_and_after_introspection_begin
 
 def test_bn_folded_attack_crafts_the_x_adv_of_the_eval_mode_student_but_for_rounding_ties(tmp_path, teacher_path):
     run = built_run(tmp_path, teacher_path, "rslad")
-    assert run.folded is not None and run.attack_fn is run.folded  # the fast path the trainer takes
+    assert isinstance(run.student_eval_view, BatchNormFoldedView)  # the fast path the trainer takes
     x, y = batch_with_saturated_pixels()
     with torch.no_grad():
         teacher_clean = run.teacher(x)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from rslad_edge.distill import ddp
 from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
 from rslad_edge.distill.methods import get_method
-from rslad_edge.distill.trainer import RUN_FILES, TrainObserver, train
-from rslad_edge.errors import ConfigError, RunDirError
+from rslad_edge.distill.trainer import RUN_FILES, TrainObserver, check_run_dir, train
+from rslad_edge.errors import ConfigError
 from rslad_edge.record import Artifact
 
 logger = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ def distill_student(
     with ddp.process_group() as dist:
         if not resume:
             if dist.is_main:
-                _check_run_dir(out, force)
+                check_run_dir(out, force, names=(*RUN_FILES, TEACHER_DIR))  # the teacher's too
             dist.barrier()
         teacher_dir = out / TEACHER_DIR
         trains_own_teacher = get_method(cfg.method).needs_teacher and cfg.teacher is None
@@ -68,21 +67,6 @@ def distill_student(
         teacher=Artifact.from_file(teacher_dir / "student.pt") if trains_own_teacher else None,
         teacher_metrics_file=teacher_dir / "metrics.jsonl" if trains_own_teacher else None,
     )
-
-
-def _check_run_dir(out: Path, force: bool) -> None:
-    """Refuse an existing run without --force; with it, delete only what a run writes (the teacher's too)."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"--out '{out}' is a file, not a directory")
-    existing = [name for name in (*RUN_FILES, TEACHER_DIR) if (out / name).exists()]
-    if existing and not force:
-        raise RunDirError(
-            f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it or --force to "
-            "start over (which deletes it)"
-        )
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _own_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:

@@ -1,11 +1,12 @@
-"""The distillation loop: one function, ``train(cfg) -> Path``, that reads top to bottom.
+"""The distillation loop: ``train(cfg) -> Path``, whose body is the loop, top to bottom.
 
 Per batch: the teacher's logits on the clean augmented batch (once, no grad); the method's attack crafts x' with the
 student in its authors' BN mode; the student, back in train mode, is updated on the method's outer loss. Per epoch:
 clean and PGD-20 accuracy of the student on a seeded split held out of the training set (never the test split,
 unless ``--select test`` asks for the paper's protocol), one JSON line in ``metrics.jsonl``, ``last.pt`` and
-``best.pt``. All randomness comes from generators seeded by (seed, epoch, batch), so a resumed run replays the same
-batches, including after an interruption in the middle of an epoch.
+``best.pt``. All randomness comes from generators seeded by (seed, epoch, batch, rank), and ``last.pt`` stores the
+loop's position (:class:`Progress`) as the loop holds it, so a resumed run replays the same batches, including after
+an interruption in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,31 +83,78 @@ class TrainObserver(Protocol):
 
 @dataclass
 class _Run:
-    """What one call of ``train`` works with, built once."""
+    """What one call of ``train`` works with, built once. Where the loop stands is not here: see Progress."""
 
     cfg: DistillConfig  # resolved: input_size and augment as run (what config.yaml records)
     method: Method
     hyperparameters: dict[str, float]
+    kl_scale: float  # the factor on the method's KL term(s) that --loss-scale chose (0.1 for RSLAD's authors')
     device: torch.device
     precision: Precision
-    student: nn.Module  # plain module: the attack, eval and checkpoints use it
-    student_fn: nn.Module  # what is called for train-mode forwards: the student, or its torch.compile'd wrapper
-    folded: BatchNormFoldedView | None  # eval-mode attacks: the student with BN folded into its convolutions
-    attack_fn: nn.Module  # what the attack calls: the folded view (compiled with --compile), or student_fn
-    teacher: nn.Module | None
+    dist: ddp.DistInfo
+    student: nn.Module  # the module trained and saved; with --compile its forward is compiled in place
+    # What eval-mode attacks call: the student with BN folded into its convolutions (a BatchNormFoldedView sharing
+    # its modules), or the student itself where it cannot be folded; None for methods that attack in train mode.
+    student_eval_view: nn.Module | None
+    teacher: nn.Module | None  # eval mode, frozen; as the student sees it (class map, resize inside)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     train_set: ImageSet
-    augment: str  # the training augmentation recipe (data/augment.py)
     eval_split: str | None  # what the per-epoch check runs on: "val" (held-out training images), "test", or None
     eval_x: torch.Tensor | None  # (N, 3, H, W) float in [0, 1]
     eval_y: torch.Tensor | None
-    num_classes: int
-    dist: ddp.DistInfo
-    kl_scale: float  # the factor on the method's KL term(s) that --loss-scale chose (0.1 for RSLAD's authors')
-    meta: dict[str, Any]
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics of the finished epochs
-    progress: dict[str, Any] = dataclasses.field(default_factory=dict)  # of the current epoch, for an interrupt
+    meta: dict[str, Any]  # what every checkpoint's meta carries
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimisation step reports, over the global batch (all ranks)."""
+
+    loss: float  # the loss the optimiser minimised (at the chosen --loss-scale), mean over ranks
+    terms: dict[str, float]  # the method's loss terms, unweighted and unscaled, mean over ranks
+    adv_correct: int | None  # images the train-mode student classifies right on x' (None: no x')
+    clean_correct: int | None  # ... on x (None: the method does not forward x)
+
+
+_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}  # sums -> metrics.jsonl keys
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what the loop updates after each batch and each epoch, and what ``last.pt`` stores,
+    field for field, under ``progress``. The sums are over the epoch's batches done so far, all ranks."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # its batches done, so the next one to train
+    loss_sum: float = 0.0  # the loss, image-weighted
+    seen: int = 0  # images
+    sums: dict[str, float] = field(default_factory=dict)  # the method's loss terms, image-weighted; _COUNTS
+    best_robust_acc: float = -1.0  # the per-epoch check's best so far (best.pt's)
+
+    def add(self, step: StepResult, images: int) -> None:
+        """Count in one more finished batch of ``images`` (all ranks)."""
+        self.batch += 1
+        self.seen += images
+        self.loss_sum += step.loss * images
+        for name, value in step.terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * images
+        for name, count in (("adv_correct", step.adv_correct), ("clean_correct", step.clean_correct)):
+            if count is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + count
+
+    def next_epoch(self) -> None:
+        """The epoch is done: the position moves to the start of the next one."""
+        self.epoch, self.batch, self.loss_sum, self.seen, self.sums = self.epoch + 1, 0, 0.0, 0, {}
+
+    def means(self) -> dict[str, Any]:
+        """What the epoch's loss was made of, per image: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the
+        train-mode student on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that
+        forward it); None where the method has no such forward."""
+        seen = max(self.seen, 1)
+        return {
+            "loss_terms": {name: value / seen for name, value in self.sums.items() if name not in _COUNTS},
+            **{key: self.sums[name] / seen if name in self.sums else None for name, key in _COUNTS.items()},
+        }
 
 
 def train(
@@ -120,78 +168,101 @@ def train(
     """
     dist = ddp.init_from_env()
     out = Path(cfg.out)
-    if resume:
-        if not (out / "checkpoints" / "last.pt").exists():
-            raise RunDirError(f"--resume: nothing to resume in '{out}' (no checkpoints/last.pt); drop --resume")
-    elif dist.is_main:
-        _prepare_run_dir(out, force)
+    last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
+    if resume and not last.exists():
+        raise RunDirError(f"--resume: nothing to resume in '{out}' (no checkpoints/last.pt); drop --resume")
+    if not resume and dist.is_main:
+        check_run_dir(out, force)
     dist.barrier()
-
     if get_method(cfg.method).needs_teacher and cfg.teacher is None:  # the smoke teacher is distill_student's job
         raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
+
     run = _build(cfg, dist)
     cfg = run.cfg
     if dist.is_main and not resume:
         atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-
-    start_epoch, start_batch, partial, best_robust = 1, 0, None, -1.0
+    progress, history = Progress(), []  # history: the metrics of the finished epochs
     if resume:
-        start_epoch, start_batch, partial, best_robust = _restore(run, out / "checkpoints" / "last.pt")
+        progress, history = _restore(run, last)
         if dist.is_main:  # a run killed between its checkpoint and its metrics line: the checkpoint is the truth
-            lines = "".join(json.dumps(m) + "\n" for m in run.history)
+            lines = "".join(json.dumps(m) + "\n" for m in history)
             atomic_write(out / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
     logger.info(
         "distill %s: %s <- %s on %s (%d images), %s, precision %s, %d epoch(s)%s",
         cfg.method, cfg.student, cfg.teacher or "no teacher", cfg.dataset, len(run.train_set), run.device,
         run.precision.name, cfg.epochs, f", {dist.world_size} processes" if dist.world_size > 1 else "",
     )
+    # Under DDP every rank must take part in every all-reduce: whole global batches only.
+    num_batches = (len(run.train_set) // cfg.batch_size if dist.world_size > 1
+                   else math.ceil(len(run.train_set) / cfg.batch_size))
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        with _interrupts_as_keyboard_interrupt():
-            try:
-                best_robust = _run_epoch(run, out, epoch, start_batch, partial, best_robust, observer)
-            except KeyboardInterrupt:
-                raise _save_interrupted(run, out, epoch, best_robust) from None
-        start_batch, partial = 0, None
+    with _saved_on_interrupt(run, last, progress, history):
+        for epoch in range(progress.epoch, cfg.epochs + 1):
+            lr = step_lr(epoch, cfg.lr, cfg.milestones, cfg.lr_gamma)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            order = _epoch_order(cfg.seed, epoch, len(run.train_set))
+            if observer:
+                observer.epoch_started(epoch, cfg.epochs, num_batches, progress.batch)
+            started, seen_before = time.perf_counter(), progress.seen
+            for batch in range(progress.batch, num_batches):
+                index = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
+                index = index[dist.rank::dist.world_size]  # this rank's shard of the global batch
+                generator = _batch_generator(cfg.seed, epoch, batch, dist.rank, run.device)
+                images, y = run.train_set.take(index, run.device)  # (B, 3, H, W) uint8, (B,)
+                x = to_float(augment_batch(images, generator, recipe=cfg.augment))  # (B, 3, H, W) in [0, 1]
+                if run.precision.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                step_started = time.perf_counter()
+                step = train_step(run, x, y, epoch, generator)
+                if not math.isfinite(step.loss):
+                    raise TrainingDivergedError(
+                        f"the training loss became {step.loss} at epoch {epoch}, batch {batch + 1}; training stopped. "
+                        f"The last good state is {last}. Try a lower --lr or --precision fp32."
+                    )
+                batch_images = len(index) * dist.world_size
+                progress.add(step, batch_images)  # the position moves past this batch
+                if observer:
+                    observer.batch_done(step.loss, batch_images / (time.perf_counter() - step_started))
+            train_seconds = time.perf_counter() - started
+            ddp.broadcast_buffers(run.student, dist)  # BN running stats: rank 0's, everywhere
+
+            # The per-epoch check, on rank 0: clean and PGD-20 accuracy on the held-out images.
+            evaluated = (dist.is_main and run.eval_split is not None
+                         and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs))
+            clean_acc = robust_acc = None
+            if evaluated:
+                if observer:
+                    observer.evaluating(len(run.eval_y))
+                clean_acc, robust_acc = evaluate(run.student, run.eval_x, run.eval_y, cfg, run.device)
+            metrics = {"epoch": epoch, "train_loss": progress.loss_sum / max(progress.seen, 1), "clean_acc": clean_acc,
+                       "robust_acc": robust_acc, "lr": lr,
+                       "images_per_s": (progress.seen - seen_before) / max(train_seconds, 1e-9),
+                       "seconds": time.perf_counter() - started, "eval_split": run.eval_split if evaluated else None,
+                       **progress.means()}
+
+            # The checkpoint, on rank 0: best.pt, then last.pt (at the start of the next epoch, with the history),
+            # then the metrics line: a kill at any point leaves a consistent run that --resume repairs.
+            meta = {"epoch": epoch, "metrics": metrics}
+            if cfg.select != "last" and robust_acc is not None and robust_acc > progress.best_robust_acc:  # rank 0
+                _save(run, best, meta)
+                progress.best_robust_acc = robust_acc
+            history.append(metrics)
+            progress.next_epoch()
+            if dist.is_main:
+                _save(run, last, meta, _training_state(run, progress, history))
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if observer:
+                    observer.epoch_done(metrics)
+            dist.barrier()
 
     if dist.is_main:
-        best = out / "checkpoints" / "best.pt"
-        source = best if best.exists() else out / "checkpoints" / "last.pt"
+        source = best if best.exists() else last
         atomic_write(out / "student.pt", lambda tmp: shutil.copyfile(source, tmp))
     dist.barrier()
     ddp.shutdown(dist)
     return out / "student.pt"
-
-
-def _run_epoch(
-    run: _Run, out: Path, epoch: int, start_batch: int, partial: dict[str, Any] | None, best_robust: float,
-    observer: TrainObserver | None,
-) -> float:
-    """Train, evaluate (rank 0) and checkpoint one epoch; returns the best robust accuracy so far."""
-    cfg, dist = run.cfg, run.dist
-    lr = step_lr(epoch, cfg.lr, cfg.milestones, cfg.lr_gamma)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    started = time.perf_counter()
-    train_loss, images, loss_made_of = _train_epoch(run, epoch, start_batch, partial, observer)
-    train_seconds = time.perf_counter() - started
-    ddp.broadcast_buffers(run.student, dist)  # BN running stats: rank 0's, everywhere
-
-    metrics: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "clean_acc": None, "robust_acc": None,
-                               "lr": lr, "images_per_s": images / max(train_seconds, 1e-9), "seconds": None,
-                               "eval_split": None, **loss_made_of}
-    if dist.is_main and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs) and run.eval_split is not None:
-        if observer:
-            observer.evaluating(len(run.eval_y))
-        metrics["clean_acc"], metrics["robust_acc"] = evaluate(run.student, run.eval_x, run.eval_y, cfg, run.device)
-        metrics["eval_split"] = run.eval_split
-    metrics["seconds"] = time.perf_counter() - started
-    if dist.is_main:
-        best_robust = _save_epoch(run, out, epoch, metrics, best_robust)
-        if observer:
-            observer.epoch_done(metrics)
-    dist.barrier()
-    return best_robust
 
 
 def evaluate(
@@ -207,6 +278,16 @@ def evaluate(
     with torch.no_grad():
         clean = torch.cat([student(x[i:i + 256].to(device)).argmax(1).cpu() for i in range(0, len(x), 256)]) == y
     return clean.float().mean().item(), robust.float().mean().item()
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The epoch's shuffle of the training set: the same on every rank and after a resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _batch_generator(seed: int, epoch: int, batch: int, rank: int, device: torch.device) -> torch.Generator:
+    """One stream per (epoch, batch, rank): augmentation and attack starts replay exactly after a resume."""
+    return torch.Generator(device=device).manual_seed(((seed * 100_003 + epoch) * 1_000_003 + batch) * 64 + rank)
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
@@ -240,13 +321,23 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} must divide evenly over {dist.world_size} processes")
 
-    teacher, meta = None, {"method": cfg.method, "dataset": cfg.dataset, "eps": cfg.eps, "teacher": cfg.teacher}
+    hyperparameters = dict(method.hyperparameters)
+    for name in ("alpha", "temperature", "beta"):
+        if getattr(cfg, name) is not None:
+            if name not in hyperparameters:
+                raise ConfigError(f"--{name} has no meaning for --method {cfg.method}")
+            hyperparameters[name] = getattr(cfg, name)
+    kl_scale = kl_scale_factor(method, cfg.loss_scale, num_classes)
+    meta = {"method": cfg.method, "dataset": cfg.dataset, "eps": cfg.eps, "teacher": cfg.teacher, "augment": augment,
+            "preprocess": train_set.preprocess, "hyperparameters": hyperparameters, "selection": selection,
+            "loss_scale": {"choice": cfg.loss_scale, "kl_factor": kl_scale}, "config": cfg.to_dict(),
+            "rslad_edge_version": __version__}
+
+    teacher = None
     if method.needs_teacher:
         teacher = _load_teacher(cfg, train_set.classes, input_size, device, precision)
         if not str(cfg.teacher).startswith("robustbench:"):
             meta["teacher_sha256"] = sha256_file(cfg.teacher)
-    meta["augment"] = augment
-    meta["preprocess"] = train_set.preprocess
 
     student = create_model(cfg.student, num_classes, cfg.student_kwargs)
     check_model_fits(student, cfg.student, num_classes, input_size)
@@ -256,32 +347,21 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
             raise ConfigError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); drop the flag")
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     ddp.broadcast_parameters(student, dist)  # every rank starts from rank 0's initialisation
-    student_fn = torch.compile(student) if cfg.compile else student
     # Eval-mode attacks run on a BN-folded view of the student (exact, and the attack is most of a step).
-    folded = fold_batchnorm(student) if method.attack_bn_mode == "eval" else None
-    attack_fn = student_fn if folded is None else torch.compile(folded) if cfg.compile else folded
+    student_eval_view = (fold_batchnorm(student) or student) if method.attack_bn_mode == "eval" else None
+    if cfg.compile:  # in place: the same modules and state dicts, compiled forwards
+        student.compile()
+        if isinstance(student_eval_view, BatchNormFoldedView):
+            student_eval_view.compile()
 
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
-    hyperparameters = dict(method.hyperparameters)
-    for name in ("alpha", "temperature", "beta"):
-        if getattr(cfg, name) is not None:
-            if name not in hyperparameters:
-                raise ConfigError(f"--{name} has no meaning for --method {cfg.method}")
-            hyperparameters[name] = getattr(cfg, name)
-    meta["hyperparameters"] = hyperparameters
-    meta["selection"] = selection
-    kl_scale = kl_scale_factor(method, cfg.loss_scale, num_classes)
-    meta["loss_scale"] = {"choice": cfg.loss_scale, "kl_factor": kl_scale}
-    meta["config"] = cfg.to_dict()
-    meta["rslad_edge_version"] = __version__
     return _Run(
-        cfg=cfg, method=method, hyperparameters=hyperparameters, device=device, precision=precision, student=student,
-        student_fn=student_fn, folded=folded, attack_fn=attack_fn, teacher=teacher, optimizer=optimizer, scaler=scaler,
-        train_set=train_set, augment=augment, eval_split=selection["split"],
+        cfg=cfg, method=method, hyperparameters=hyperparameters, kl_scale=kl_scale, device=device,
+        precision=precision, dist=dist, student=student, student_eval_view=student_eval_view, teacher=teacher,
+        optimizer=optimizer, scaler=torch.amp.GradScaler(device.type) if precision.grad_scaler else None,
+        train_set=train_set, eval_split=selection["split"],
         eval_x=None if eval_set is None else to_float(eval_set.read()),
-        eval_y=None if eval_set is None else eval_set.labels, num_classes=num_classes, dist=dist,
-        kl_scale=kl_scale, meta=meta,
+        eval_y=None if eval_set is None else eval_set.labels, meta=meta,
     )
 
 
@@ -363,97 +443,7 @@ def _robustbench_teacher(name: str, dataset: str) -> nn.Module:
     return load_model(model_name=name, dataset=dataset, threat_model="Linf")
 
 
-# ---------------------------------------------------------------------------------------------------------- epoch
-
-
-def _epoch_order(run: _Run, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
-    return torch.randperm(len(run.train_set), generator=generator)
-
-
-def _batch_generator(run: _Run, epoch: int, batch: int) -> torch.Generator:
-    # One stream per (epoch, batch, rank): augmentation and attack starts replay exactly after a resume.
-    seed = ((run.cfg.seed * 100_003 + epoch) * 1_000_003 + batch) * 64 + run.dist.rank
-    return torch.Generator(device=run.device).manual_seed(seed)
-
-
-def _num_batches(run: _Run) -> int:
-    n, batch_size = len(run.train_set), run.cfg.batch_size
-    # Under DDP every rank must take part in every all-reduce: whole global batches only.
-    return n // batch_size if run.dist.world_size > 1 else math.ceil(n / batch_size)
-
-
-def _train_epoch(
-    run: _Run, epoch: int, start_batch: int, partial: dict[str, Any] | None, observer: TrainObserver | None
-) -> tuple[float, int, dict[str, Any]]:
-    """Train one epoch from ``start_batch``; returns (mean train loss, images seen by all ranks, what the loss was
-    made of: the method's terms and the train-mode accuracies on x' and x, averaged over the epoch's images)."""
-    cfg, dist = run.cfg, run.dist
-    order = _epoch_order(run, epoch)
-    num_batches = _num_batches(run)
-    loss_sum = partial["loss_sum"] if partial else 0.0
-    seen = int(partial["seen"]) if partial else 0
-    sums: dict[str, float] = dict(partial.get("sums", {})) if partial else {}  # image-weighted, all ranks
-    run.progress = {"batch": start_batch, "loss_sum": loss_sum, "seen": seen, "sums": sums}
-    if observer:
-        observer.epoch_started(epoch, cfg.epochs, num_batches, start_batch)
-    epoch_images = 0
-    for batch in range(start_batch, num_batches):
-        index = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-        index = index[dist.rank::dist.world_size]  # this rank's shard of the global batch
-        generator = _batch_generator(run, epoch, batch)
-        images, y = run.train_set.take(index, run.device)  # (B, 3, H, W) uint8, (B,)
-        x = to_float(augment_batch(images, generator, recipe=run.augment))  # (B, 3, H, W) in [0, 1]
-        if run.precision.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        step_started = time.perf_counter()
-        step = train_step(run, x, y, epoch, generator)
-        if not math.isfinite(step.loss):
-            raise TrainingDivergedError(
-                f"the training loss became {step.loss} at epoch {epoch}, batch {batch + 1}; training stopped. The "
-                f"last good state is {Path(cfg.out) / 'checkpoints' / 'last.pt'}. Try a lower --lr or --precision "
-                "fp32."
-            )
-        batch_images = len(index) * dist.world_size
-        loss_sum += step.loss * batch_images
-        seen += batch_images
-        epoch_images += batch_images
-        for name, value in step.terms.items():
-            sums[name] = sums.get(name, 0.0) + value * batch_images
-        for name, correct in [("adv_correct", step.adv_correct), ("clean_correct", step.clean_correct)]:
-            if correct is not None:
-                sums[name] = sums.get(name, 0.0) + correct
-        run.progress = {"batch": batch + 1, "loss_sum": loss_sum, "seen": seen, "sums": sums}
-        if observer:
-            observer.batch_done(step.loss, batch_images / (time.perf_counter() - step_started))
-    return loss_sum / max(seen, 1), epoch_images, _epoch_summary(sums, seen)
-
-
-_CORRECT_COUNTS = {"adv_correct": "train_robust_acc", "clean_correct": "train_clean_acc"}  # sums -> metric keys
-
-
-def _epoch_summary(sums: dict[str, float], seen: int) -> dict[str, Any]:
-    """Per-image means of an epoch's sums: ``loss_terms`` {name: mean}, ``train_robust_acc`` (the train-mode student
-    on x', the examples it was trained on), ``train_clean_acc`` (on x, for methods that forward it)."""
-    seen = max(seen, 1)
-    summary: dict[str, Any] = {
-        "loss_terms": {name: value / seen for name, value in sums.items() if name not in _CORRECT_COUNTS},
-        "train_robust_acc": None, "train_clean_acc": None,
-    }
-    for name, key in _CORRECT_COUNTS.items():
-        if name in sums:
-            summary[key] = sums[name] / seen
-    return summary
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimisation step reports, over the global batch (all ranks)."""
-
-    loss: float  # the loss the optimiser minimised (at the chosen --loss-scale), mean over ranks
-    terms: dict[str, float]  # the method's loss terms, unweighted and unscaled, mean over ranks
-    adv_correct: int | None  # images the train-mode student classifies right on x' (None: no x')
-    clean_correct: int | None  # ... on x (None: the method does not forward x)
+# ---------------------------------------------------------------------------------------------------------- step
 
 
 def craft_adversarial(
@@ -465,19 +455,21 @@ def craft_adversarial(
     (``pgd(clamp_start=False)``). Leaves the student in that mode."""
     method, cfg = run.method, run.cfg
     autocast = run.precision.autocast(run.device)
-    run.student.train(method.attack_bn_mode == "train")
-    if run.folded is not None:
-        run.folded.refresh()  # the folded weights follow the last optimizer step and running statistics
+    eval_mode = method.attack_bn_mode == "eval"
+    run.student.train(not eval_mode)
+    attacked = run.student_eval_view if eval_mode else run.student
+    if isinstance(attacked, BatchNormFoldedView):
+        attacked.refresh()  # the folded weights follow the last optimizer step and running statistics
     target_probs = None
     if method.attack_loss == "kl":
         if method.attack_target == "teacher":
             target_probs = F.softmax(teacher_clean, dim=1)
         else:  # TRADES: the student's own clean prediction, in eval mode, as a constant
             with torch.no_grad(), autocast:
-                target_probs = F.softmax(run.attack_fn(x).float(), dim=1)
+                target_probs = F.softmax(attacked(x).float(), dim=1)
     with autocast:
         return pgd(
-            run.attack_fn, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            attacked, x, y, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
             loss=method.attack_loss, random_start=method.random_start, target_probs=target_probs,
             generator=generator, clamp_start=False,
         )
@@ -498,8 +490,8 @@ def train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, epoch: int, generato
     student.train()
     with autocast:
         # Separate forwards: BN normalises the adversarial and the clean batch each with its own statistics.
-        student_adv = run.student_fn(x_adv) if "student_adv" in method.needs else None
-        student_clean = run.student_fn(x) if "student_clean" in method.needs else None
+        student_adv = student(x_adv) if "student_adv" in method.needs else None
+        student_clean = student(x) if "student_clean" in method.needs else None
     teacher_adv = None
     if "teacher_adv" in method.needs:
         with torch.inference_mode(), autocast:
@@ -545,10 +537,11 @@ def _step_result(
 # ---------------------------------------------------------------------------------------------------------- state
 
 
-def _prepare_run_dir(out: Path, force: bool) -> None:
+def check_run_dir(out: Path, force: bool, names: tuple[str, ...] = RUN_FILES) -> None:
+    """Refuse an existing run in ``out`` without ``force``; with it, delete ``names`` (only what a run writes)."""
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out '{out}' is a file, not a directory")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = [name for name in names if (out / name).exists()]
     if existing and not force:
         raise RunDirError(
             f"--out '{out}' already holds a run ({', '.join(existing)}): pass --resume to continue it or --force to "
@@ -561,86 +554,57 @@ def _prepare_run_dir(out: Path, force: bool) -> None:
     # creates the folders.
 
 
-def _restore(run: _Run, path: Path) -> tuple[int, int, dict[str, Any] | None, float]:
-    """Load student, optimizer and progress from ``last.pt``: (epoch to run, first batch, partial sums, best)."""
+def _training_state(run: _Run, progress: Progress, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``last.pt`` holds besides the student: enough to continue exactly where the loop stands."""
+    state = {"progress": dataclasses.asdict(progress), "history": history, "optimizer": run.optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if run.scaler is not None:
+        state["grad_scaler"] = run.scaler.state_dict()
+    return state
+
+
+def _restore(run: _Run, path: Path) -> tuple[Progress, list[dict[str, Any]]]:
+    """Load the student, the optimizer and the loop's position from ``last.pt``: (progress, history)."""
     state = read_checkpoint(path)
     run.student.load_state_dict(state["state_dict"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and "grad_scaler" in state:
         run.scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["torch_rng"])
-    run.history = list(state["history"])
-    progress = state["progress"]
-    logger.info("resuming %s at epoch %d, batch %d", path, progress["epoch"], progress["batch"])
-    partial = ({"loss_sum": progress["loss_sum"], "seen": progress["seen"], "sums": progress.get("sums", {})}
-               if progress["batch"] else None)
-    return progress["epoch"], progress["batch"], partial, state["best_robust_acc"]
-
-
-def _training_state(
-    run: _Run, epoch: int, batch: int, loss_sum: float, seen: int, best: float, sums: dict[str, float] | None = None
-) -> dict[str, Any]:
-    state = {
-        "optimizer": run.optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        # The epoch (1-based) and batch to continue from; partial sums of an interrupted epoch.
-        "progress": {"epoch": epoch, "batch": batch, "loss_sum": loss_sum, "seen": seen, "sums": dict(sums or {})},
-        "best_robust_acc": best,
-        "history": run.history,
-    }
-    if run.scaler is not None:
-        state["grad_scaler"] = run.scaler.state_dict()
-    return state
+    progress = Progress(**state["progress"])
+    if "best_robust_acc" in state:  # last.pt of earlier versions: the best beside the progress (and maybe no sums)
+        progress.best_robust_acc = state["best_robust_acc"]
+    logger.info("resuming %s at epoch %d, batch %d", path, progress.epoch, progress.batch)
+    return progress, list(state["history"])
 
 
 def _save(run: _Run, path: Path, meta: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
-    save_checkpoint(path, run.student, run.cfg.student, num_classes=run.num_classes,
+    save_checkpoint(path, run.student, run.cfg.student, num_classes=run.train_set.num_classes,
                     input_size=run.train_set.input_size, arch_kwargs=run.cfg.student_kwargs,
                     preprocess=run.train_set.preprocess, meta={**run.meta, **meta}, extra=extra)
 
 
-def _save_epoch(run: _Run, out: Path, epoch: int, metrics: dict[str, Any], best: float) -> float:
-    """best.pt, then last.pt (which carries the metrics history), then the metrics line: a kill at any point
-    leaves a consistent run that --resume repairs."""
-    run.history.append(metrics)
-    meta = {"epoch": epoch, "metrics": metrics}
-    robust = metrics["robust_acc"]
-    if run.cfg.select != "last" and robust is not None and robust > best:
-        best = robust
-        _save(run, out / "checkpoints" / "best.pt", meta)
-    extra = _training_state(run, epoch + 1, 0, 0.0, 0, best)
-    _save(run, out / "checkpoints" / "last.pt", meta, extra)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    return best
-
-
-def _save_interrupted(run: _Run, out: Path, epoch: int, best: float) -> TrainingInterrupted:
-    progress = run.progress or {"batch": 0, "loss_sum": 0.0, "seen": 0}
-    if run.dist.is_main:
-        extra = _training_state(run, epoch, progress["batch"], progress["loss_sum"], progress["seen"], best,
-                                progress.get("sums"))
-        _save(run, out / "checkpoints" / "last.pt", {"epoch": epoch - 1, "interrupted_at_batch": progress["batch"]},
-              extra)
-    return TrainingInterrupted(
-        f"interrupted at epoch {epoch}, batch {progress['batch']}; state saved to {out / 'checkpoints' / 'last.pt'}. "
-        f"Continue with: rslad-edge distill --out {out} --resume"
-    )
-
-
 @contextlib.contextmanager
-def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler stopping the job) is handled like Ctrl-C: save, then exit cleanly."""
+def _saved_on_interrupt(run: _Run, path: Path, progress: Progress, history: list[dict[str, Any]]) -> Iterator[None]:
+    """Ctrl-C, or SIGTERM (a scheduler stopping the job) handled like it, inside the block: ``last.pt`` at the loop's
+    position (rank 0), then :class:`TrainingInterrupted` (exit 130)."""
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    try:
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
         previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
     try:
         yield
+    except KeyboardInterrupt:
+        if run.dist.is_main:
+            _save(run, path, {"epoch": progress.epoch - 1, "interrupted_at_batch": progress.batch},
+                  _training_state(run, progress, history))
+        raise TrainingInterrupted(
+            f"interrupted at epoch {progress.epoch}, batch {progress.batch}; state saved to {path}. "
+            f"Continue with: rslad-edge distill --out {run.cfg.out} --resume"
+        ) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
