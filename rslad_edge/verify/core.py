@@ -358,11 +358,10 @@ def _spec(attack: VerifyAttack, *, aa_version: str, seed: int, square_queries: i
 
 def _query_stats(spec: AttackSpec, outcome: _Outcome) -> QueryStats:
     """Square's cost on the model it queried."""
-    assert outcome.queries is not None
-    per_image = outcome.queries.float()  # (M,) the attacked samples
+    assert outcome.queries is not None  # (M,) per attacked sample
     return QueryStats(total=int(outcome.queries.sum()), attacked=len(outcome.index), budget=spec.n_queries,
                       seconds=outcome.seconds, runtime_seconds=outcome.runtime_seconds,
-                      median=float(per_image.median()) if per_image.numel() else 0.0,
+                      median=float(outcome.queries.float().median()) if len(outcome.index) else 0.0,
                       schedule=spec.square_schedule, p_init=spec.p_init)
 
 
@@ -523,26 +522,17 @@ def _white_and_black_box(attacks: list[VerifyAttack], model: Model, sources: lis
     """Which attacks used ``model``'s own gradients or its twin's (white-box for it) and which only its outputs or
     another model's (black-box for it): a transfer attack from the model itself is white-box, and so is divergence
     (crafted on the artifact's twin)."""
-    white, black = set(), set()
-    for attack in attacks:
-        own_transfer = attack.family == "transfer" and any(s.same_as(model) for s in sources)
-        if attack.family in ("white-box", "divergence") or own_transfer:
-            white.add(attack.name)
-        else:
-            black.add(attack.name)
-    return white, black
+    own_transfer = {"transfer"} if any(source.same_as(model) for source in sources) else set()
+    white = {a.name for a in attacks if a.family in {"white-box", "divergence", *own_transfer}}
+    return white, {a.name for a in attacks} - white
 
 
 def _attack_detail(attack: VerifyAttack, sources: list[Model], ref: Model | None, artifact: Model) -> AttackDetail:
     """What ``attack`` ran, on whose gradients and judged by what; for a transfer attack, which models its examples
     were crafted on."""
-    crafted_on: tuple[TransferSource, ...] = ()
-    if attack.family == "transfer":
-        crafted_on = tuple(
-            TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
-                           role="reference" if source is ref else "source")
-            for source in sources
-        )
+    crafted_on = tuple(TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
+                                      role="reference" if source is ref else "source")
+                       for source in sources if attack.family == "transfer")
     gradients = artifact.gradients if artifact.differentiable else None
     judged_by = f"{artifact.info.backend} ({artifact.info.provider})"
     return AttackDetail(attack.family, attack.spec.name, crafted_on, artifact_gradients=gradients, judged_by=judged_by)
