@@ -181,7 +181,7 @@ def verify(
                     target.result.per_source.setdefault(attack.name, {})[run.crafted_on[0].label] = (
                         int(flags.sum()) / len(y))
                 if outcome.queries is not None:
-                    target.result.queries[attack.name] = _query_stats(spec, outcome)
+                    target.result.queries[attack.name] = _query_stats(run.spec, outcome)
             if attack.family == "divergence":
                 divergence = _divergence_stats(run, outcome)
         attack_seconds[attack.name] = time.perf_counter() - attack_started
@@ -275,7 +275,8 @@ class _Outcome(NamedTuple):
     runtime_seconds: float  # of which inside the predict of the models it was crafted on
 
 
-TaskProgress = Callable[[int, int], None] | None  # (completed, total) of one task
+_TaskProgress = Callable[[int, int], None] | None  # (completed, total) of one task
+_Crafted = tuple[Tensor, Tensor | None]  # (x_adv, Square's queries per sample or None)
 
 
 def _runs(attack: VerifyAttack, spec: AttackSpec, targets: list[_Target], sources: list[Model]) -> list[_Run]:
@@ -309,10 +310,10 @@ def _attack(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: Prog
                     runtime_seconds=sum(model.runtime_seconds for model in run.crafted_on) - runtime_before)
 
 
-# The crafters, one per family, one signature: (run, x, y, settings, progress) -> (x_adv, Square's queries or None).
+# The crafters, one per family, one signature: (run, x, y, settings, progress) -> (x_adv, queries or None).
 
 
-def _gradient_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: TaskProgress) -> tuple:
+def _gradient_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
     """FGSM / PGD / CW / AutoAttack on one model's gradients (its own or its twin's), in batches on its device: a
     white-box attack on a target, or the transfer examples of a source."""
     (model,) = run.crafted_on
@@ -322,7 +323,7 @@ def _gradient_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, pro
                                 generator=generator, device=model.device, progress=progress), None
 
 
-def _divergence_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: TaskProgress) -> tuple:
+def _divergence_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
     """DIVA on the float reference and the artifact's twin together, on the twin's device."""
     float_model, edge = run.crafted_on
     assert float_model.model_fn is not None and edge.model_fn is not None  # _check_runnable, _runs
@@ -333,7 +334,7 @@ def _divergence_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, p
                                progress=progress), None
 
 
-def _square_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: TaskProgress) -> tuple:
+def _square_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
     """Square against the model's own predictions: every still-unfooled image goes to the runtime in one call."""
     (model,) = run.crafted_on
     if len(x) == 0:
