@@ -28,7 +28,6 @@ from rslad_edge.runtime import OnnxTwin, load_runner
 from rslad_edge.verify import (
     CHECKPOINT_DEFAULT_ATTACKS,
     ArtifactInfo,
-    DivergenceStats,
     ModelResult,
     VerifyConfig,
     VerifyReport,
@@ -325,12 +324,76 @@ def test_autoattack_runs_on_the_twin_and_is_judged_by_the_artifact(runners, imag
     assert report.robust_acc["autoattack"] <= report.robust_acc["pgd_sat"] < report.clean_acc
 
 
+class Threshold(torch.nn.Module):
+    """Two classes from an image's one pixel ``v``: class 1 above ``threshold``, logits ``±steepness (v - t) / 2``."""
+
+    def __init__(self, threshold: float, steepness: float) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.tensor([[-steepness / 2], [steepness / 2]]))
+            self.linear.bias.copy_(torch.tensor([steepness * threshold / 2, -steepness * threshold / 2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
 def test_divergence_counts_where_the_artifact_is_fooled_and_the_float_model_is_not():
-    artifact = _result([1, 1, 1, 1], divergence=[0, 0, 1, 1])
-    stats = DivergenceStats(both_correct=4, artifact_fooled=2, artifact_fooled_float_not=1, float_fooled=1)
-    assert stats.rate == 0.25 and stats.to_json()["artifact_fooled_float_not"] == 1
-    report = VerifyReport(artifact, None, ["divergence"], n=4, eps=EPS, seed=0, divergence=stats)
-    assert report.to_json()["divergence"]["rate"] == 0.25 and report.worst_case_acc == 0.5
+    """A steep edge model (threshold 0.5) and a shallow float model (threshold 3/255 lower), on one-pixel images
+    placed so that each outcome follows from the eps-ball alone: within 8/255 of the edge's threshold the attack
+    crosses it (the edge term of its objective dominates the shallow float's everywhere in the ball, so every signed
+    step goes the same way and ends on the ball's edge), beyond 8/255 no image can cross."""
+    edge, float_model = Threshold(0.5, steepness=50), Threshold(0.5 - 3 / 255, steepness=1)
+    groups = [  # (pixel, label, how many): what happens to each, by construction
+        (0.5 + 6 / 255, 1, 3),  # both right; pushed to 0.5 - 2/255: the edge is fooled, the float (lower) is not
+        (0.5 - 4 / 255, 0, 2),  # both right; pushed to 0.5 + 4/255, above both thresholds: both fooled
+        (0.9, 1, 4),  # both right; out of reach of both: robust
+        (0.5 - 1.5 / 255, 1, 1),  # between the thresholds, class 1: the edge is wrong on the clean image: not attacked
+        (0.5 - 1.5 / 255, 0, 2),  # between the thresholds, class 0: only the float is wrong; the edge is fooled
+    ]
+    x = torch.tensor([pixel for pixel, _, count in groups for _ in range(count)]).reshape(-1, 1, 1, 1)
+    y = torch.tensor([label for _, label, count in groups for _ in range(count)])
+    report = verify(edge, x, y, reference=float_model, attacks=["divergence"], eps=8 / 255)
+    stats = report.to_json()["divergence"]
+    assert stats == {"both_correct": 9, "artifact_fooled": 5, "artifact_fooled_float_not": 3, "float_fooled": 2,
+                     "rate": round(3 / 9, 6)}
+    robust = [False] * 5 + [True] * 4 + [False] * 3  # only the out-of-reach images survive
+    assert report.artifact.robust_correct["divergence"].tolist() == robust
+    assert report.clean_acc == 11 / 12 and report.reference.clean_acc == 10 / 12
+    assert "divergence" not in report.reference.robust_correct  # crafted to keep the reference right: no column
+
+
+class Band(torch.nn.Module):
+    """Two classes from an image's one pixel: class 1 within 0.1 of 0.5, class 0 outside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        margin = 100 * (0.1**2 - (x.flatten(1) - 0.5) ** 2)  # (N, 1)
+        return torch.cat([-margin, margin], dim=1)
+
+
+def test_transfer_from_several_sources_is_the_per_sample_and_of_what_each_source_fools():
+    """Two sources whose cross-entropy always climbs the same way (one pushes the pixel down, one up), so that PGD
+    ends on the ball's edge; the artifact is right on a band, so each source fools the images near its own edge of
+    the band and no other: the AND is known, and it differs from the lower of the two per-source figures."""
+    down = as_model(Threshold(0.5, steepness=10), label="down")  # class 1 above 0.5: climbing its loss on 1 lowers v
+    up = as_model(Threshold(0.5, steepness=-10), label="up")  # class 1 below 0.5
+    groups = [(0.41, 1, 2), (0.59, 1, 3), (0.5, 1, 4), (0.1, 0, 1), (0.5, 0, 2)]  # (pixel, label, how many)
+    x = torch.tensor([pixel for pixel, _, count in groups for _ in range(count)]).reshape(-1, 1, 1, 1)
+    y = torch.tensor([label for _, label, count in groups for _ in range(count)])
+    report = verify(Band(), x, y, sources=[down, up], attacks="transfer_pgd", eps=8 / 255)
+    # 0.41 leaves the band only downwards, 0.59 only upwards; 0.5 and 0.1 cannot leave; (0.5, 0) is wrong already
+    assert report.artifact.per_source["transfer_pgd"] == {"down": 8 / 12, "up": 7 / 12}
+    assert report.artifact.robust_correct["transfer_pgd"].tolist() == [False] * 5 + [True] * 5 + [False] * 2
+    assert report.worst_case_acc == 5 / 12
+
+
+def test_the_report_carries_the_callers_notes_first_and_its_config_under_verifys_settings():
+    x = torch.tensor([0.2, 0.8]).reshape(-1, 1, 1, 1)
+    report = verify(Threshold(0.5, steepness=50), x, torch.tensor([0, 1]), attacks="fgsm", eps=EPS,
+                    notes=["images: the first two"], config={"dataset": "shapes", "eps": 0.5})
+    assert report.notes == ["images: the first two"]
+    assert report.config["dataset"] == "shapes" and report.config["eps"] == EPS  # what ran wins
+    assert report.to_json()["config"] == report.config and report.config["attacks"] == ["fgsm"]
 
 
 def test_a_reference_of_another_architecture_is_refused_naming_both(runners, images):

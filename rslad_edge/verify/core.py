@@ -7,9 +7,9 @@ What runs against what (every adversarial image is judged by the model's own run
   weights and int8 scales as torch ops). The twin's agreement with the artifact is measured on the verify images
   every time and reported; below 99 % top-1 it is flagged as untrusted. An artifact without a twin (an op the twin
   cannot emulate) skips these columns with a one-line warning naming the op.
-- **transfer** attacks are crafted once per source model (default: the reference) on every image that the artifact
-  *or* the reference classifies correctly, then the very same adversarial images are evaluated on the artifact (and
-  on the reference for sources other than itself: on itself they would only repeat its white-box PGD). With several
+- **transfer** attacks are crafted once per source model (default: the reference) on every image that a model judged
+  on them classifies correctly, then the very same adversarial images are evaluated on the artifact (and on the
+  reference for sources other than itself: on itself they would only repeat its white-box PGD). With several
   sources, a sample is robust only if it survives the examples of every source.
 - **divergence** (DIVA) is crafted on the float reference and the artifact's twin together, to fool the artifact
   while the float model stays right; the artifact gets a robust-accuracy column, and the report counts how often the
@@ -18,10 +18,13 @@ What runs against what (every adversarial image is judged by the model's own run
   artifact exactly as it runs, masked gradients and all. All still-correct images go to the runtime in one call per
   query, so each query is as large a batch as the runtime takes.
 
-Each attack runs only on the samples its model classifies correctly (a wrong clean prediction cannot become robust),
-and each attack is scored on its own, so the table shows the paper's per-attack columns. The worst case is the
-per-sample AND across all attacks (AutoAttack's rule). Attacking only the samples that survived the previous attacks
-would be cheaper, but would make every column after the first a cumulative figure, so it is not done.
+One evaluator, after AutoAttack's ``run_standard_evaluation``: an attack is made of runs (:class:`_Run`: one per model
+for white-box and Square, per source for transfer, one for divergence) of one shape: craft adversarial images on some
+models (gradients, or answers for Square) for the samples the targets it counts toward classify correctly (a wrong
+clean prediction cannot become robust), and judge each image by each target's own runtime (:class:`_Outcome`). One
+loop in :func:`verify` turns judgments into per-sample flags: per attack the AND over its runs, per model the AND
+over its attacks (the worst case). Attacks are not chained: attacking only what survived the previous attacks would
+be cheaper, but every column after the first would then be a cumulative figure, not the paper's per-attack column.
 
 The reference faces what a checkpoint faces on its own (white-box, Square, transfer from other models), so its worst
 case is the checkpoint's worst case on these images, and the drop of the worst case compares like with like.
@@ -31,21 +34,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from rslad_edge.attacks import (
     AttackSpec,
     ModelFn,
     adversarial_examples,
     divergence_examples,
-    evaluate_attack,
     parse_eps,
+    square,
 )
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
 from rslad_edge.attacks.square import DEFAULT_SCHEDULE, SQUARE_SCHEDULES
@@ -91,6 +95,8 @@ def verify(
     seed: int = 0,
     aa_version: str = "standard",
     progress: ProgressFn | None = None,
+    notes: Sequence[str] = (),
+    config: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Measure clean and robust accuracy of ``runner`` (and ``reference``) on ``data_x``, ``data_y``.
 
@@ -110,6 +116,9 @@ def verify(
         seed: seeds PGD's random starts, Square and AutoAttack.
         aa_version: AutoAttack version (``standard``, ``plus``, ``rand``).
         progress: called as ``progress(task, completed, total)`` while attacks run.
+        notes: what the caller has to say about the run (how the images were chosen), first among the report's notes.
+        config: what the caller ran with (its options, the dataset), recorded in the report's ``config`` with the
+            settings verify used, which win where both name one.
     """
     started = time.perf_counter()
     eps = check_verify_options(eps=eps, square_queries=square_queries, batch_size=batch_size, aa_version=aa_version,
@@ -123,14 +132,12 @@ def verify(
     for model in [artifact, *([ref] if ref is not None else []), *source_models]:
         _check_fits(model, x, y, artifact)
 
-    notes: list[str] = []
+    notes = list(notes)
     if attacks is None:
-        names, note = default_attack_names(exported=artifact.gradients != "own", has_reference=ref is not None,
-                                           has_source=bool(source_models))
-        notes += [note] if note else []
-    else:
-        names = attacks
-    chosen = parse_attacks(names)
+        attacks, note = default_attack_names(exported=artifact.gradients != "own", has_reference=ref is not None,
+                                             has_source=bool(source_models))
+        notes += _some(note)
+    chosen = parse_attacks(attacks)
     _check_runnable(chosen, artifact, ref, source_models)
 
     warnings: list[str] = []
@@ -145,45 +152,38 @@ def verify(
             assert model.model_fn is not None
             result.twin = twin_agreement(model.model_fn, clean_logits, x, batch_size=batch_size, device=model.device)
             warnings += _some(untrusted_twin_warning(model.label, result.twin))
-    skipped = _skipped_for_artifact(chosen, artifact)
-    if skipped:
-        warnings.append(f"{artifact.label}: {', '.join(skipped)} skipped: {artifact.twin_error}; the other columns "
-                        "still ran")
+    if not artifact.differentiable and _uses_gradients(chosen):
+        skipped = ", ".join(a.name for a in chosen if a.family in ("white-box", "divergence"))
+        warnings.append(f"{artifact.label}: {skipped} skipped: {artifact.twin_error}; the other columns still ran")
     warnings += _zero_gradient_checks(chosen, targets, source_models, x, y, batch_size)
     static_batch = getattr(runner, "static_batch", None)
     if static_batch and any(attack.family in ("transfer", "query") for attack in chosen):
         notes.append(f"{artifact.label} has a static batch of {static_batch}: each Square query and transfer "
                      f"evaluation is split into batches of {static_batch}, slower than a dynamic-batch export")
 
-    divergence_stats: DivergenceStats | None = None
+    # The evaluator: every run crafts and is judged the same way; only here do judgments become per-sample flags.
+    settings = _Settings(eps=eps, batch_size=batch_size, seed=seed)
+    divergence: DivergenceStats | None = None
     attack_seconds: dict[str, float] = {}
     for attack in chosen:
         attack_started = time.perf_counter()
-        if attack.family == "white-box":
-            spec = attack.spec
-            if spec.kind == "autoattack":
-                spec = replace(spec, version=aa_version, seed=seed)
-            for target in targets:
-                if target.model.model_fn is None:
-                    continue  # an artifact without a twin: warned above
-                with autoattack_warnings(warnings, target.model.label):
-                    target.result.robust_correct[attack.name] = _white_box(
-                        attack.name, spec, target, x, y, eps=eps, batch_size=batch_size, seed=seed, progress=progress)
-        elif attack.family == "transfer":
-            _transfer(attack, source_models, targets, x, y, eps=eps, batch_size=batch_size, seed=seed,
-                      progress=progress)
-        elif attack.family == "divergence":
-            if artifact.model_fn is not None:
-                assert len(targets) == 2  # _check_runnable: divergence needs the reference
-                divergence_stats = _divergence(attack, targets[0], targets[1], x, y, eps=eps, batch_size=batch_size,
-                                               seed=seed, progress=progress)
-        else:
-            spec = replace(attack.spec, n_queries=square_queries, seed=seed, square_schedule=square_schedule)
-            for target in targets:
-                flags, stats = _square(attack.name, spec, target, x, y, eps=eps, batch_size=batch_size,
-                                       progress=progress)
-                target.result.robust_correct[attack.name] = flags
-                target.result.queries[attack.name] = stats
+        spec = _spec(attack, aa_version=aa_version, seed=seed, square_queries=square_queries,
+                     square_schedule=square_schedule)
+        for run in _runs(attack, spec, targets, source_models):
+            with autoattack_warnings(warnings, run.crafted_on[0].label):
+                outcome = _attack(run, x, y, settings, progress)
+            for target, correct in zip(run.scored, outcome.correct[: len(run.scored)], strict=True):
+                flags = target.result.clean_correct.clone()  # (N,) a sample not attacked was wrong on the clean image
+                flags[outcome.index] &= correct
+                columns = target.result.robust_correct
+                columns[attack.name] = columns[attack.name] & flags if attack.name in columns else flags
+                if attack.family == "transfer":
+                    target.result.per_source.setdefault(attack.name, {})[run.crafted_on[0].label] = (
+                        int(flags.sum()) / len(y))
+                if outcome.queries is not None:
+                    target.result.queries[attack.name] = _query_stats(run.spec, outcome)
+            if attack.family == "divergence":
+                divergence = _divergence_stats(run, outcome)
         attack_seconds[attack.name] = time.perf_counter() - attack_started
         _log_attack(attack.name, [target.result for target in targets], attack_seconds[attack.name])
 
@@ -204,10 +204,9 @@ def verify(
         seconds=time.perf_counter() - started,
         warnings=list(dict.fromkeys(warnings)),
         notes=notes,
-        config={"attacks": [a.name for a in chosen], "eps": eps, "square_queries": square_queries,
-                "square_schedule": square_schedule,
-                "batch_size": batch_size, "seed": seed, "aa_version": aa_version},
-        divergence=divergence_stats,
+        config={**(config or {}), "attacks": [a.name for a in chosen], "eps": eps, "square_queries": square_queries,
+                "square_schedule": square_schedule, "batch_size": batch_size, "seed": seed, "aa_version": aa_version},
+        divergence=divergence,
     )
 
 
@@ -230,90 +229,151 @@ def check_verify_options(
     return eps
 
 
-@dataclass
+# --------------------------------------------------------------------------------------------------- the attacks
+
+
+@dataclass(eq=False)
 class _Target:
-    """A model verify reports on (the artifact or the reference) and the result it owns: its clean flags, and its
-    flags per attack as each attack fills them in."""
+    """A model verify reports on (the artifact or the reference) and its result, which only the loop of
+    :func:`verify` writes: its clean flags, then its flags per attack."""
 
     model: Model
     result: ModelResult
 
 
-# --------------------------------------------------------------------------------------------------- the attacks
+@dataclass(frozen=True, eq=False)
+class _Run:
+    """One crafting of an attack: the models it is crafted on, the targets whose column it counts toward
+    (``scored``), and any target that judges it only to be counted (``observed``: divergence's float reference)."""
+
+    attack: VerifyAttack
+    spec: AttackSpec  # the attack's preset with verify's options
+    crafted_on: tuple[Model, ...]  # white-box, Square: the target; transfer: a source; divergence: (reference, twin)
+    scored: tuple[_Target, ...]
+    observed: tuple[_Target, ...] = ()
+    task: str = ""  # how the progress bar names it
+
+    @property
+    def judges(self) -> tuple[_Target, ...]:
+        return self.scored + self.observed
 
 
-def _white_box(
-    name: str, spec: AttackSpec, target: _Target, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int,
-    seed: int, progress: ProgressFn | None,
-) -> torch.Tensor:
-    """(N,) bool: correct on the clean image and on the attack's image; judged by the model's own runtime."""
-    model = target.model
-    assert model.model_fn is not None  # _check_runnable
-    generator = torch.Generator(device=model.device).manual_seed(seed)  # PGD's random starts
-    outcome = evaluate_attack(
-        model.model_fn, x, y, spec, eps=eps, batch_size=batch_size, generator=generator, device=model.device,
-        clean_correct=target.result.clean_correct, predict=model.labels,
-        progress=_task(progress, f"{name} on {model.label}"),
-    )
-    return outcome.robust_correct
+class _Settings(NamedTuple):
+    eps: float  # L-inf budget, pixel units
+    batch_size: int  # images per crafting batch
+    seed: int  # PGD's random starts, divergence's, Square's and AutoAttack's
 
 
-def _transfer(
-    attack: VerifyAttack, sources: list[Model], targets: list[_Target], x: torch.Tensor, y: torch.Tensor, *,
-    eps: float, batch_size: int, seed: int, progress: ProgressFn | None,
-) -> None:
-    """Craft ``attack.spec`` on each source, evaluate the same images on every target; AND over sources.
+class _Outcome(NamedTuple):
+    """What one run did: the samples it attacked, what it crafted for them, and how every judge classifies that."""
 
-    The artifact is judged on every source's examples; the reference on those of the other sources only (on its
-    own they are its white-box PGD / CW again, already a column), and has no row when it is the only source.
-    """
-    artifact = targets[0].model
-    judged_by = {id(target): [s for s in sources if target.model is artifact or s is not target.model]
-                 for target in targets}
-    needed = torch.zeros_like(y, dtype=torch.bool)
-    for target in targets:
-        if judged_by[id(target)]:
-            needed |= target.result.clean_correct  # images no judged target gets right need no adversarial example
-    index = needed.nonzero().flatten()
-    robust = {id(target): target.result.clean_correct.clone() for target in targets}
-    for source in sources:
-        x_adv = _craft(attack, source, x[index], y[index], eps=eps, batch_size=batch_size, seed=seed,
-                       progress=progress)
-        for target in targets:
-            if source not in judged_by[id(target)]:
-                continue
-            survived = target.result.clean_correct.clone()
-            survived[index] &= target.model.labels(x_adv) == y[index]  # one call: the runtime batches it
-            target.result.per_source.setdefault(attack.name, {})[source.label] = int(survived.sum()) / len(y)
-            robust[id(target)] &= survived
-    for target in targets:
-        if judged_by[id(target)]:
-            target.result.robust_correct[attack.name] = robust[id(target)]
+    index: Tensor  # (M,) int64: the samples attacked
+    x_adv: Tensor  # (M, C, H, W) on the CPU: the adversarial images
+    correct: list[Tensor]  # per judge of the run, in order: (M,) bool, still classified correctly
+    queries: Tensor | None  # (M,) int64: Square's queries per sample; None for the gradient attacks
+    seconds: float  # wall time of the run, crafting and judging
+    runtime_seconds: float  # of which inside the predict of the models it was crafted on
 
 
-def _divergence(
-    attack: VerifyAttack, artifact: _Target, reference: _Target, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-    batch_size: int, seed: int, progress: ProgressFn | None,
-) -> DivergenceStats:
-    """DIVA on every image the artifact classifies correctly, crafted on the reference and the artifact's twin,
-    judged by both runtimes; the artifact gets the robust-accuracy column, the stats count the divergences."""
-    edge, float_model = artifact.model, reference.model
-    assert edge.model_fn is not None and float_model.model_fn is not None  # _check_runnable
-    device = edge.device
-    float_fn = _on_device(float_model.model_fn, float_model.device, device)
-    index = artifact.result.clean_correct.nonzero().flatten()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x_adv = divergence_examples(float_fn, edge.model_fn, x[index], y[index], attack.spec, eps=eps,
-                                batch_size=batch_size, generator=generator, device=device,
-                                progress=_task(progress, f"{attack.name}: {float_model.label} vs {edge.label}"))
-    edge_right = edge.labels(x_adv) == y[index]
-    float_right = float_model.labels(x_adv) == y[index]
-    robust = artifact.result.clean_correct.clone()
-    robust[index] = edge_right
-    artifact.result.robust_correct[attack.name] = robust
-    both = reference.result.clean_correct[index]  # (attacked,) the float model was right on the clean image too
-    return DivergenceStats(both_correct=int(both.sum()), artifact_fooled=int((both & ~edge_right).sum()),
-                           artifact_fooled_float_not=int((both & ~edge_right & float_right).sum()),
+_TaskProgress = Callable[[int, int], None] | None  # (completed, total) of one task
+_Crafted = tuple[Tensor, Tensor | None]  # (x_adv, Square's queries per sample or None)
+
+
+def _runs(attack: VerifyAttack, spec: AttackSpec, targets: list[_Target], sources: list[Model]) -> list[_Run]:
+    """The runs of ``attack``. White-box and Square: one per target, on the target itself (none for an artifact
+    without a twin: warned). Transfer: one per source, judged by the artifact, and by the reference unless the source
+    is the reference (on itself it is its white-box PGD / CW again, already a column). Divergence: one, crafted on
+    the reference and the artifact's twin, counted for the artifact and judged by the reference for its statistics."""
+    artifact, *reference = targets
+    if attack.family == "transfer":
+        return [_Run(attack, spec, (source,), tuple(t for t in targets if t is artifact or t.model is not source),
+                     task=f"{attack.name}: crafting on {source.label}") for source in sources]
+    if attack.family == "divergence":
+        if artifact.model.model_fn is None:
+            return []
+        (float_target,) = reference  # _check_runnable: divergence needs the reference
+        return [_Run(attack, spec, (float_target.model, artifact.model), (artifact,), observed=(float_target,),
+                     task=f"{attack.name}: {float_target.model.label} vs {artifact.model.label}")]
+    return [_Run(attack, spec, (target.model,), (target,), task=f"{attack.name} on {target.model.label}")
+            for target in targets if attack.family == "query" or target.model.model_fn is not None]
+
+
+def _attack(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: ProgressFn | None) -> _Outcome:
+    """Craft ``run`` on the samples that a target it counts toward classifies correctly, then judge the crafted images
+    by each judge's own runtime, in one call each (the runtime batches it)."""
+    index = torch.stack([t.result.clean_correct for t in run.scored]).any(dim=0).nonzero().flatten()
+    started, runtime_before = time.perf_counter(), sum(model.runtime_seconds for model in run.crafted_on)
+    task = None if progress is None else lambda completed, total: progress(run.task, completed, total)
+    x_adv, queries = _CRAFTERS[run.attack.family](run, x[index], y[index], settings, task)
+    correct = [judge.model.labels(x_adv) == y[index] for judge in run.judges]
+    return _Outcome(index, x_adv, correct, queries, seconds=time.perf_counter() - started,
+                    runtime_seconds=sum(model.runtime_seconds for model in run.crafted_on) - runtime_before)
+
+
+# The crafters, one per family, one signature: (run, x, y, settings, progress) -> (x_adv, queries or None).
+
+
+def _gradient_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
+    """FGSM / PGD / CW / AutoAttack on one model's gradients (its own or its twin's), in batches on its device: a
+    white-box attack on a target, or the transfer examples of a source."""
+    (model,) = run.crafted_on
+    assert model.model_fn is not None  # _check_runnable, _runs
+    generator = torch.Generator(device=model.device).manual_seed(settings.seed)  # PGD's random starts
+    return adversarial_examples(model.model_fn, x, y, run.spec, eps=settings.eps, batch_size=settings.batch_size,
+                                generator=generator, device=model.device, progress=progress), None
+
+
+def _divergence_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
+    """DIVA on the float reference and the artifact's twin together, on the twin's device."""
+    float_model, edge = run.crafted_on
+    assert float_model.model_fn is not None and edge.model_fn is not None  # _check_runnable, _runs
+    float_fn = _on_device(float_model.model_fn, float_model.device, edge.device)
+    generator = torch.Generator(device=edge.device).manual_seed(settings.seed)
+    return divergence_examples(float_fn, edge.model_fn, x, y, run.spec, eps=settings.eps,
+                               batch_size=settings.batch_size, generator=generator, device=edge.device,
+                               progress=progress), None
+
+
+def _square_examples(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: _TaskProgress) -> _Crafted:
+    """Square against the model's own predictions: every still-unfooled image goes to the runtime in one call."""
+    (model,) = run.crafted_on
+    if len(x) == 0:
+        return x, torch.zeros(0, dtype=torch.long)
+    result = square(model.logits, x, y, eps=settings.eps, n_queries=run.spec.n_queries, p_init=run.spec.p_init,
+                    seed=run.spec.seed, progress=progress, schedule=run.spec.square_schedule)
+    return result.x_adv, result.queries
+
+
+_CRAFTERS = {"white-box": _gradient_examples, "transfer": _gradient_examples, "divergence": _divergence_examples,
+             "query": _square_examples}
+
+
+def _spec(attack: VerifyAttack, *, aa_version: str, seed: int, square_queries: int, square_schedule: str) -> AttackSpec:
+    """The attack's preset with verify's options: AutoAttack's version and seed; Square's budget, schedule and seed."""
+    if attack.spec.kind == "autoattack":
+        return replace(attack.spec, version=aa_version, seed=seed)
+    if attack.spec.kind == "square":
+        return replace(attack.spec, n_queries=square_queries, seed=seed, square_schedule=square_schedule)
+    return attack.spec
+
+
+def _query_stats(spec: AttackSpec, outcome: _Outcome) -> QueryStats:
+    """Square's cost on the model it queried."""
+    assert outcome.queries is not None  # (M,) per attacked sample
+    return QueryStats(total=int(outcome.queries.sum()), attacked=len(outcome.index), budget=spec.n_queries,
+                      seconds=outcome.seconds, runtime_seconds=outcome.runtime_seconds,
+                      median=float(outcome.queries.float().median()) if len(outcome.index) else 0.0,
+                      schedule=spec.square_schedule, p_init=spec.p_init)
+
+
+def _divergence_stats(run: _Run, outcome: _Outcome) -> DivergenceStats:
+    """Of the attacked images that the float reference classifies correctly too, how many the divergence images make
+    the artifact get wrong, the reference, and the artifact alone (DIVA's outcome)."""
+    artifact_right, float_right = outcome.correct  # the judges: the artifact (scored), the reference (observed)
+    (float_target,) = run.observed
+    both = float_target.result.clean_correct[outcome.index]  # (M,) the artifact's are all right: they were attacked
+    return DivergenceStats(both_correct=int(both.sum()), artifact_fooled=int((both & ~artifact_right).sum()),
+                           artifact_fooled_float_not=int((both & ~artifact_right & float_right).sum()),
                            float_fooled=int((both & ~float_right).sum()))
 
 
@@ -322,39 +382,6 @@ def _on_device(model_fn: ModelFn, model_device: torch.device, device: torch.devi
     if model_device == device:
         return model_fn
     return lambda images: model_fn(images.to(model_device)).to(device)
-
-
-def _craft(
-    attack: VerifyAttack, source: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int,
-    seed: int, progress: ProgressFn | None,
-) -> torch.Tensor:
-    """Adversarial images (CPU) of ``attack.spec`` run on ``source``'s gradients, in batches on its device."""
-    assert source.model_fn is not None  # _check_runnable
-    generator = torch.Generator(device=source.device).manual_seed(seed)
-    return adversarial_examples(
-        source.model_fn, x, y, attack.spec, eps=eps, batch_size=batch_size, generator=generator, device=source.device,
-        progress=_task(progress, f"{attack.name}: crafting on {source.label}"),
-    )
-
-
-def _square(
-    name: str, spec: AttackSpec, target: _Target, x: torch.Tensor, y: torch.Tensor, *, eps: float, batch_size: int,
-    progress: ProgressFn | None,
-) -> tuple[torch.Tensor, QueryStats]:
-    """Square against the model's own predictions; every still-unfooled image goes to the runtime in one call."""
-    model, clean_correct = target.model, target.result.clean_correct
-    started, runtime_before = time.perf_counter(), model.runtime_seconds
-    outcome = evaluate_attack(
-        model.logits, x, y, spec, eps=eps, batch_size=batch_size, clean_correct=clean_correct, predict=model.labels,
-        progress=_task(progress, f"{name} on {model.label}"),
-    )
-    assert outcome.queries is not None  # a Square outcome counts its queries
-    per_image = outcome.queries[clean_correct].float()
-    stats = QueryStats(total=int(outcome.queries.sum()), attacked=int(clean_correct.sum()), budget=spec.n_queries,
-                       seconds=time.perf_counter() - started, runtime_seconds=model.runtime_seconds - runtime_before,
-                       median=float(per_image.median()) if per_image.numel() else 0.0,
-                       schedule=spec.square_schedule, p_init=spec.p_init)
-    return outcome.robust_correct, stats
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -405,7 +432,7 @@ def _check_runnable(attacks: list[VerifyAttack], artifact: Model, ref: Model | N
     """Refuse, before any work, an attack that cannot run on the models given, saying what would.
 
     An artifact without gradients (no twin) is not refused: its white-box and divergence columns are skipped with
-    a warning (:func:`_skipped_for_artifact`), the others still run.
+    a warning, the others still run.
     """
     white_box = [a.name for a in attacks if a.family == "white-box"]
     if white_box and ref is not None and not ref.differentiable:
@@ -424,13 +451,6 @@ def _check_runnable(attacks: list[VerifyAttack], artifact: Model, ref: Model | N
         if not ref.differentiable:
             raise ConfigError(f"divergence needs the reference's gradients; give a PyTorch checkpoint as --reference, "
                               f"not {ref.label}")
-
-
-def _skipped_for_artifact(attacks: list[VerifyAttack], artifact: Model) -> list[str]:
-    """The attacks that need the artifact's gradients when it has none (no twin)."""
-    if artifact.differentiable:
-        return []
-    return [a.name for a in attacks if a.family in ("white-box", "divergence")]
 
 
 def _uses_gradients(attacks: list[VerifyAttack]) -> bool:
@@ -484,24 +504,16 @@ def _source_models(sources: Sequence[Runner | nn.Module] | None, ref: Model | No
 
 
 def _zero_gradient_checks(
-    attacks: list[VerifyAttack], targets: list[_Target], sources: list[Model], x: torch.Tensor, y: torch.Tensor,
-    batch_size: int,
+    attacks: list[VerifyAttack], targets: list[_Target], sources: list[Model], x: Tensor, y: Tensor, batch_size: int
 ) -> list[str]:
     """Check the input gradients of every model an attack will differentiate, on up to one batch of the images it
     classifies correctly (the ones its attacks will start from)."""
-    differentiated: list[Model] = []
-    if _uses_gradients(attacks):
-        differentiated += [target.model for target in targets]
-    if any(a.family == "transfer" for a in attacks):
-        differentiated += sources
+    differentiated = [target.model for target in targets] if _uses_gradients(attacks) else []
+    differentiated += sources if any(a.family == "transfer" for a in attacks) else []
     warnings: list[str] = []
-    checked: list[Model] = []
-    for model in differentiated:
-        if any(model is done for done in checked):
-            continue
-        checked.append(model)
-        as_target = next((target for target in targets if target.model is model), None)
-        correct = as_target.result.clean_correct if as_target is not None else model.labels(x) == y
+    for model in {id(model): model for model in differentiated}.values():  # each model once, in order
+        target = next((target for target in targets if target.model is model), None)
+        correct = target.result.clean_correct if target is not None else model.labels(x) == y
         index = correct.nonzero().flatten()[:batch_size]
         warnings += _some(zero_gradient_warning(model, x[index], y[index]))
     return warnings
@@ -511,26 +523,17 @@ def _white_and_black_box(attacks: list[VerifyAttack], model: Model, sources: lis
     """Which attacks used ``model``'s own gradients or its twin's (white-box for it) and which only its outputs or
     another model's (black-box for it): a transfer attack from the model itself is white-box, and so is divergence
     (crafted on the artifact's twin)."""
-    white, black = set(), set()
-    for attack in attacks:
-        own_transfer = attack.family == "transfer" and any(s.same_as(model) for s in sources)
-        if attack.family in ("white-box", "divergence") or own_transfer:
-            white.add(attack.name)
-        else:
-            black.add(attack.name)
-    return white, black
+    own_transfer = {"transfer"} if any(source.same_as(model) for source in sources) else set()
+    white = {a.name for a in attacks if a.family in {"white-box", "divergence", *own_transfer}}
+    return white, {a.name for a in attacks} - white
 
 
 def _attack_detail(attack: VerifyAttack, sources: list[Model], ref: Model | None, artifact: Model) -> AttackDetail:
     """What ``attack`` ran, on whose gradients and judged by what; for a transfer attack, which models its examples
     were crafted on."""
-    crafted_on: tuple[TransferSource, ...] = ()
-    if attack.family == "transfer":
-        crafted_on = tuple(
-            TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
-                           role="reference" if source is ref else "source")
-            for source in sources
-        )
+    crafted_on = tuple(TransferSource(label=source.label, path=source.info.path, sha256=source.info.sha256,
+                                      role="reference" if source is ref else "source")
+                       for source in sources if attack.family == "transfer")
     gradients = artifact.gradients if artifact.differentiable else None
     judged_by = f"{artifact.info.backend} ({artifact.info.provider})"
     return AttackDetail(attack.family, attack.spec.name, crafted_on, artifact_gradients=gradients, judged_by=judged_by)
@@ -540,13 +543,6 @@ def _log_attack(name: str, results: list[ModelResult], seconds: float) -> None:
     figures = ", ".join(f"{Path(r.info.path).name if r.info.path else r.info.backend}: {r.robust_acc[name]:.1%}"
                         for r in results if name in r.robust_correct)
     logger.info("%s: %s (%.1f s)", name, figures, seconds)
-
-
-def _task(progress: ProgressFn | None, task: str) -> Callable[[int, int], None] | None:
-    """``progress`` bound to one task, as the attacks report it: ``(completed, total)``."""
-    if progress is None:
-        return None
-    return lambda completed, total: progress(task, completed, total)
 
 
 def _some(warning: str | None) -> list[str]:

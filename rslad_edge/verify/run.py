@@ -101,12 +101,9 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
     report = verify(
         runner, to_float(images.read()), images.labels, attacks=cfg.attacks, eps=cfg.eps, reference=reference,
         sources=sources, square_queries=cfg.square_queries, square_schedule=cfg.square_schedule,
-        batch_size=cfg.batch_size, seed=cfg.seed,
-        aa_version=cfg.aa_version, progress=progress,
+        batch_size=cfg.batch_size, seed=cfg.seed, aa_version=cfg.aa_version, progress=progress,
+        notes=notes, config={**cfg.to_json(), "dataset": dataset, "data_root": data_root},
     )
-    report.notes = notes + report.notes
-    report.config = {**cfg.to_json(), "dataset": dataset, "data_root": data_root,
-                     "attacks": report.attacks, "eps": report.eps}
     if cfg.json_path is not None:
         write_json(cfg.json_path, report.to_json())
     return report
