@@ -270,12 +270,14 @@ def command(
     notes: Mapping[str, Mapping[str, Any]] | None = None,
     show_defaults: bool = True,
     help_prefix: str = "",
+    own_first: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a Typer command so that it takes ``cls``'s options (all, ``only`` these, or all but ``exclude``)
     besides its own parameters. The command is called with its own parameters and ``given``: field name -> value
     of each option given on the command line, already parsed (a parse error is a usage error naming the flag, exit
-    2). Each option's help ends with its default, then the values ``notes`` (label -> field -> value, e.g. the
-    presets) give it where they differ. Arguments come first, then ``cls``'s options, then the command's own."""
+    2). Each option's help starts with ``help_prefix`` (``{key}``: the option's config key) and ends with its
+    default, then the values ``notes`` (label -> field -> value, e.g. the presets) give it where they differ.
+    Arguments come first, then ``cls``'s options and the command's own (these first with ``own_first``)."""
     chosen = [spec for spec in specs(cls).values()
               if spec.option.cli and (only is None or spec.name in only) and spec.name not in set(exclude)]
 
@@ -288,7 +290,7 @@ def command(
         clash = {p.name for p in own} & {p.name for p in derived}
         if clash:
             raise TypeError(f"{func.__name__} declares {sorted(clash)}, which {cls.__name__} already has")
-        every = [*derived, *own]
+        every = [*own, *derived] if own_first else [*derived, *own]
         arguments = [p for p in every if _is_argument(p)]
         names = [spec.name for spec in chosen]
 
@@ -316,7 +318,7 @@ def _parameter(spec: Spec, notes: Mapping[str, Mapping[str, Any]], *, show_defau
     import typer
     from rich.markup import escape
 
-    text = help_prefix + spec.option.help
+    text = help_prefix.format(key=dashed(spec.name)) + spec.option.help
     default = help_default(spec, notes) if show_defaults else None
     help_text = escape(text + (f" [default: {default}]" if default else ""))
     kind = inspect.Parameter.KEYWORD_ONLY
