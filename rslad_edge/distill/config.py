@@ -120,7 +120,7 @@ class DistillConfig:
         "needs --class-map).")
     class_map: str | None = option(
         None, help="YAML/JSON mapping each of your class names to the teacher's class indices (e.g. cat: [281, 282]),"
-        " for a teacher of other classes (an ImageNet model); models/teacher.py.")
+        " for a teacher of other classes (an ImageNet model).")
     class_map_reduce: str = option(
         "sum", help="How a class map joins a group's logits: sum (of probabilities: logsumexp of the logits) or max.")
     method: str = option("rslad", help=f"Training method: {', '.join(METHODS)}.")
