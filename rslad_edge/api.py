@@ -63,4 +63,4 @@ def bench(artifacts: Sequence[str | Path], cfg: BenchConfig | None = None, *,
     """Time artifacts on this machine (``rslad-edge bench``)."""
     from rslad_edge.bench.suite import bench_artifacts
 
-    return bench_artifacts(artifacts, **(cfg or BenchConfig()).options(), json_path=json_path)
+    return bench_artifacts(artifacts, cfg or BenchConfig(), json_path=json_path)

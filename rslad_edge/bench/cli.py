@@ -6,38 +6,19 @@ runs, which is exactly the kind of noise a benchmark must not add.
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.table import Table
 
 from rslad_edge.bench.core import BenchReport, BenchResult
+from rslad_edge.bench.suite import BenchConfig
 from rslad_edge.console import console, err_console
+from rslad_edge.options import command
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
-
-
-class Device(str, Enum):
-    cpu = "cpu"
-    cuda = "cuda"
-    trt = "trt"
-    jetson = "jetson"
-
-
-def _batches(value: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated batch sizes like 1,8,64, got '{value}'",
-                                 param_hint="'--batch'") from None
-    if not sizes:
-        raise typer.BadParameter("give at least one batch size, e.g. 1,8,64", param_hint="'--batch'")
-    if any(s < 1 for s in sizes):
-        raise typer.BadParameter(f"batch sizes must be >= 1, got {min(sizes)}", param_hint="'--batch'")
-    return list(dict.fromkeys(sizes))
 
 
 def _ms(value: float | None) -> str:
@@ -102,38 +83,23 @@ def results_table(report: BenchReport) -> Table:
 
 
 @app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
+@command(BenchConfig)
 def bench(
+    given: dict[str, Any],
     artifacts: Annotated[list[Path], typer.Argument(
         metavar="ARTIFACT", help="Checkpoints (.pt), ONNX models (.onnx, .ort), ExecuTorch programs (.pte) or TensorRT "
         "engines (.engine) to compare.",
         show_default=False)],
-    device: Annotated[Device, typer.Option(
-        help="cpu, cuda (PyTorch / ONNX Runtime CUDA EP), trt (ONNX Runtime TensorRT EP, engines) or jetson.")
-    ] = Device.cpu,
     host: Annotated[str | None, typer.Option(
         help="user@address of a Jetson: copy the ONNX there, build and time it with its trtexec over SSH "
         "(host key checked against known_hosts).")] = None,
     port: Annotated[int | None, typer.Option(help="SSH port of --host.")] = None,
     identity: Annotated[Path | None, typer.Option(help="SSH private key for --host.")] = None,
     known_hosts: Annotated[Path | None, typer.Option(
-        help="known_hosts file to check --host's key against. [default: ssh's own]")] = None,
+        help="known_hosts file to check --host's key against (when not given: ssh's own).")] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --host to answer.")] = 10.0,
-    batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1,8,64",
-    warmup: Annotated[int, typer.Option(help="Warm-up calls per batch size (at least; see --warmup-seconds).")] = 10,
-    warmup_seconds: Annotated[float, typer.Option(
-        help="Warm-up time per batch size (at least; trtexec over --host warms up by time only).")] = 1.0,
-    iters: Annotated[int | None, typer.Option(help="Time exactly N calls per batch size (instead of --seconds).")
-    ] = None,
-    seconds: Annotated[float | None, typer.Option(
-        help="Time calls for S seconds per batch size (at least 30 calls). [default: 3]")] = None,
-    threads: Annotated[int | None, typer.Option(
-        help="Intra-op CPU threads (ONNX Runtime, PyTorch). [default: the backend's]")] = None,
-    precision: Annotated[str, typer.Option(
-        help="For checkpoints: fp32, bf16 and/or fp16 autocast, comma-separated (one set of rows each).")] = "fp32",
     arch: Annotated[str | None, typer.Option(help="Architecture of a bare-state-dict checkpoint.")] = None,
     num_classes: Annotated[int | None, typer.Option(help="Class count of a bare-state-dict checkpoint.")] = None,
-    provider: Annotated[str | None, typer.Option(
-        help="ONNX Runtime execution provider override: cpu, cuda or trt.")] = None,
     verify_json: Annotated[list[Path] | None, typer.Option(
         "--verify-json", help="Verify results to take accuracies from (besides the run record of a pipeline run "
         "holding the artifact); repeatable.")
@@ -161,21 +127,19 @@ def bench(
     from rslad_edge.bench.suite import bench_artifacts
     from rslad_edge.io import sha256_file
 
-    if iters is not None and seconds is not None:
+    if "iters" in given and "seconds" in given:
         raise typer.BadParameter("give --iters or --seconds, not both", param_hint="'--iters' / '--seconds'")
     if host is None and any(v is not None for v in (port, identity, known_hosts)):
         raise typer.BadParameter("--port, --identity and --known-hosts go with --host", param_hint="'--host'")
+    cfg = BenchConfig(**given, **({"seconds": None} if "iters" in given else {}))
     target = (SshTarget(host, port=port, identity=identity, known_hosts=known_hosts, connect_timeout=connect_timeout)
               if host else None)
     existing = [path for path in artifacts if path.is_file()]  # bench_artifacts names a missing one
     accuracies = find_accuracies([(path, sha256_file(path)) for path in existing], verify_json or [])
     report = bench_artifacts(
-        artifacts, device=device.value, target=target, batches=_batches(batch), warmup=warmup,
-        warmup_seconds=warmup_seconds, iters=iters, seconds=None if iters is not None else (seconds or 3.0),
-        threads=threads,
-        precisions=[p for p in precision.replace(" ", "").split(",") if p], arch=arch, num_classes=num_classes,
-        provider=provider, accuracies=accuracies, json_path=json_out, plot=plot, keep_remote=keep_remote,
-        remote_timeout=remote_timeout, on_step=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False),
+        artifacts, cfg, target=target, arch=arch, num_classes=num_classes, accuracies=accuracies, json_path=json_out,
+        plot=plot, keep_remote=keep_remote, remote_timeout=remote_timeout,
+        on_step=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False),
     )
     console.print(results_table(report))
     notes: dict[tuple[str, str], list[int]] = {}  # the same note for several batch sizes is printed once

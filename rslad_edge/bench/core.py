@@ -28,6 +28,7 @@ import numpy as np
 from rslad_edge.bench.stats import LatencyStats, summarize
 from rslad_edge.bench.timing import Clock, CudaEventClock, PerfCounterClock, measure
 from rslad_edge.errors import ConfigError, RsladEdgeError
+from rslad_edge.options import option
 from rslad_edge.record import Artifact
 
 logger = logging.getLogger(__name__)
@@ -95,22 +96,41 @@ class BenchReport:
 
 @dataclass(frozen=True)
 class TimingConfig:
-    """How long to time; validated here so every entry point (CLI, pipeline, tests) gets the same messages."""
+    """How long to time: each option declared once here (BenchConfig offers them, rslad_edge.options makes them
+    the CLI's), validated here so every entry point (CLI, pipeline, tests) gets the same messages."""
 
-    batches: tuple[int, ...] = DEFAULT_BATCHES
-    warmup: int = 10  # at least this many warm-up calls per batch size...
-    warmup_seconds: float = 1.0  # ...and at least this long
-    iters: int | None = None  # exactly this many timed calls, or:
-    seconds: float | None = 3.0  # timed calls for this long per batch size (at least min_iters)
-    min_iters: int = 30
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.batches:
+    @staticmethod
+    def batch_sizes(sizes: Sequence[int]) -> list[int]:
+        """Batch sizes to time, each once, in order; a ConfigError naming --batch if none is given or one is < 1."""
+        if not sizes:
             raise ConfigError("--batch needs at least one batch size, e.g. --batch 1,8,64")
-        bad = [b for b in self.batches if int(b) < 1]
+        bad = [size for size in sizes if int(size) < 1]
         if bad:
             raise ConfigError(f"--batch sizes must be >= 1, got {bad[0]}")
+        return list(dict.fromkeys(int(size) for size in sizes))
+
+    @staticmethod
+    def parse_batches(text: str) -> list[int]:
+        """``--batch 1,8,64``."""
+        try:
+            sizes = [int(part) for part in text.replace(" ", "").split(",") if part]
+        except ValueError:
+            raise ConfigError(f"expected comma-separated batch sizes like 1,8,64, got '{text}'") from None
+        return TimingConfig.batch_sizes(sizes)
+
+    batches: tuple[int, ...] = option(DEFAULT_BATCHES, flags=("--batch",), parse=parse_batches,
+                                      help="Batch sizes, comma-separated.")
+    warmup: int = option(10, help="Warm-up calls per batch size (at least; see --warmup-seconds).")
+    warmup_seconds: float = option(
+        1.0, help="Warm-up time per batch size, seconds (at least; trtexec over --host warms up by time only).")
+    iters: int | None = option(None, help="Time exactly N calls per batch size (instead of --seconds).")
+    seconds: float | None = option(
+        3.0, help="Time calls for S seconds per batch size (at least --min-iters calls).")
+    min_iters: int = option(30, help="The fewest calls --seconds times per batch size.")
+    seed: int = option(0, cli=False, help="Seed of the random input batch.")
+
+    def __post_init__(self) -> None:
+        self.batch_sizes(self.batches)
         if self.warmup < 0 or self.warmup_seconds < 0:
             raise ConfigError("--warmup and --warmup-seconds must be >= 0")
         if self.iters is not None and self.iters < 1:
@@ -118,7 +138,7 @@ class TimingConfig:
         if self.iters is None and (self.seconds is None or self.seconds <= 0):
             raise ConfigError("--seconds must be > 0 (or give --iters)")
         if self.min_iters < 1:
-            raise ConfigError(f"min_iters must be >= 1, got {self.min_iters}")
+            raise ConfigError(f"--min-iters must be >= 1, got {self.min_iters}")
 
 
 def artifact_facts(path: str | Path) -> tuple[str, float]:

@@ -15,17 +15,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from rslad_edge.bench.accuracy import Accuracies
-from rslad_edge.bench.core import DEFAULT_BATCHES, BenchReport, TimingConfig, bench
+from rslad_edge.bench.core import BenchReport, TimingConfig, bench
 from rslad_edge.bench.env import probe_env
 from rslad_edge.bench.jetson import TegrastatsSampler, is_jetson, probe_local_jetson
 from rslad_edge.bench.remote import SshTarget, bench_remote
 from rslad_edge.errors import ConfigError, RuntimeUnavailableError
 from rslad_edge.io import write_json
+from rslad_edge.options import comma_list, option, same_option
 from rslad_edge.runtime import (
     CHECKPOINT_SUFFIXES,
     ENGINE_SUFFIXES,
@@ -38,29 +39,47 @@ from rslad_edge.runtime import (
 logger = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda", "trt", "jetson")
+PRECISIONS = ("fp32", "bf16", "fp16")
 RELIABLE_P99_ITERATIONS = 100  # below this, p99 is (nearly) the slowest single iteration
+
+
+def _device(text: str) -> str:
+    if text not in (*DEVICES, "auto"):
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or auto, got '{text}'")
+    return text
+
+
+_timing_option = functools.partial(same_option, TimingConfig)
+# bench_artifacts' keyword form names two options in the plural.
+_KEYWORDS = {"batch": "batches", "precision": "precisions"}
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """The options of one bench run that a config file sets (the pipeline's ``bench:`` section; keys are the CLI
-    flags). Validated on creation, so a typo or an impossible value fails before any stage of a pipeline runs."""
+    """The options of one bench run: ``rslad-edge bench``'s, and the keys of a pipeline's ``bench:`` section
+    (rslad_edge.options derives both). The timing options are TimingConfig's (their defaults, help and parsing),
+    under their command-line names. Validated on creation, so a typo or an impossible value fails before any stage
+    of a pipeline runs."""
 
-    device: str = "cpu"  # cpu | cuda | trt | jetson, or auto: cuda where a GPU is present
-    batch: list[int] = field(default_factory=lambda: list(DEFAULT_BATCHES))
-    warmup: int = 10
-    warmup_seconds: float = 1.0
-    iters: int | None = None
-    seconds: float | None = 3.0
-    min_iters: int = 30
-    threads: int | None = None
-    precision: list[str] = field(default_factory=lambda: ["fp32"])  # checkpoints: fp32, bf16, fp16 autocast
-    provider: str | None = None  # ONNX Runtime provider override: cpu, cuda, trt
-    plot: bool = True  # a PNG next to the JSON when matplotlib is installed
+    device: str = option(
+        "cpu", parse=_device, help="cpu, cuda (PyTorch / ONNX Runtime CUDA EP), trt (ONNX Runtime TensorRT EP, "
+        "engines), jetson, or auto (cuda where a GPU is present).")
+    batch: list[int] = _timing_option("batches", convert=list)
+    warmup: int = _timing_option("warmup")
+    warmup_seconds: float = _timing_option("warmup_seconds")
+    iters: int | None = _timing_option("iters")
+    seconds: float | None = _timing_option("seconds")
+    min_iters: int = _timing_option("min_iters")
+    threads: int | None = option(
+        None, default_text="the backend's", help="Intra-op CPU threads (ONNX Runtime, PyTorch).")
+    precision: list[str] = option(
+        ["fp32"], parse=comma_list,
+        help="For checkpoints: fp32, bf16 and/or fp16 autocast, comma-separated (one set of rows each).")
+    provider: str | None = option(None, help="ONNX Runtime execution provider override: cpu, cuda or trt.")
+    plot: bool = option(True, cli=False, help="A PNG next to the JSON when matplotlib is installed.")
 
     def __post_init__(self) -> None:
-        if self.device not in (*DEVICES, "auto"):
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)} or auto, got '{self.device}'")
+        _device(self.device)
         _ = self.timing  # validates batch sizes and durations, with TimingConfig's messages
         bad = [p for p in self.precision if p not in PRECISIONS]
         if bad:
@@ -76,10 +95,19 @@ class BenchConfig:
                             self.min_iters)
 
     def options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`bench_artifacts` these settings stand for (device resolved)."""
-        return dict(device=self.resolved_device(), batches=self.batch, warmup=self.warmup,
-                    warmup_seconds=self.warmup_seconds, iters=self.iters, seconds=self.seconds,
-                    min_iters=self.min_iters, threads=self.threads, precisions=self.precision, provider=self.provider)
+        """The keyword form of these settings (``bench_artifacts(paths, **cfg.options())``), device resolved."""
+        values = {_KEYWORDS.get(f.name, f.name): getattr(self, f.name) for f in fields(self) if f.name != "plot"}
+        return {**values, "device": self.resolved_device()}
+
+    @classmethod
+    def from_options(cls, **options: Any) -> BenchConfig:
+        """The inverse of :meth:`options`."""
+        names = {keyword: name for name, keyword in _KEYWORDS.items()}
+        values = {names.get(keyword, keyword): value for keyword, value in options.items()}
+        for name in ("batch", "precision"):
+            if name in values:
+                values[name] = list(values[name])
+        return cls(**values)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -87,9 +115,6 @@ class BenchConfig:
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def runner_device(path: Path, device: str) -> str:
@@ -122,20 +147,11 @@ def runner_device(path: Path, device: str) -> str:
 
 def bench_artifacts(
     artifacts: Sequence[str | Path],
+    config: BenchConfig | None = None,
     *,
-    device: str = "cpu",
     target: SshTarget | None = None,
-    batches: Sequence[int] = DEFAULT_BATCHES,
-    warmup: int = 10,
-    warmup_seconds: float = 1.0,
-    iters: int | None = None,
-    seconds: float | None = 3.0,
-    min_iters: int = 30,
-    threads: int | None = None,
-    precisions: Sequence[str] = ("fp32",),
     arch: str | None = None,
     num_classes: int | None = None,
-    provider: str | None = None,
     accuracies: Accuracies | None = None,
     json_path: str | Path | None = None,
     plot: bool = False,
@@ -143,16 +159,22 @@ def bench_artifacts(
     remote_timeout: float = 1800.0,
     loader: Callable[..., Any] | None = None,
     on_step: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> BenchReport:
-    """Bench every artifact on ``device`` (or on ``target`` over SSH) and return one report.
+    """Bench every artifact as ``config`` says, on its device (or on ``target`` over SSH), into one report.
 
-    ``precisions`` applies to checkpoints (PyTorch eager fp32, bf16 / fp16 autocast): one set of rows each.
+    ``options``: instead of ``config``, its keyword form (:meth:`BenchConfig.options`: ``batches=(1, 8)``,
+    ``precisions=("fp32",)``, ``device=``, ``iters=``, ...). ``config.precision`` applies to checkpoints (PyTorch
+    eager fp32, bf16 / fp16 autocast): one set of rows each.
     ``json_path``: write the report there (and ``<same name>.png`` with ``plot``).
     ``accuracies``: what verify measured for each file, by sha256 (``rslad_edge.bench.accuracy``), shown beside
     its latency; its warnings join the report's.
     ``loader``: opens an artifact (default ``rslad_edge.runtime.load_runner``); tests pass their own.
     """
-    config = TimingConfig(tuple(int(b) for b in batches), warmup, warmup_seconds, iters, seconds, min_iters)
+    if config is not None and options:
+        raise TypeError(f"bench_artifacts takes a BenchConfig or its options, not both ({', '.join(options)})")
+    config = config if config is not None else BenchConfig.from_options(**options)
+    device, timing, threads, precisions = config.resolved_device(), config.timing, config.threads, config.precision
     paths = [Path(a) for a in artifacts]
     if not paths:
         raise ConfigError("give at least one ARTIFACT (.pt, .onnx, .ort, .pte or .engine) to bench")
@@ -166,12 +188,12 @@ def bench_artifacts(
     if target is not None:
         if device not in ("jetson", "trt"):
             raise ConfigError(f"--host times with the device's trtexec: use --device jetson (or trt), not {device}")
-        report = _bench_over_ssh(paths, target, config, json_path, keep_remote, remote_timeout, step)
+        report = _bench_over_ssh(paths, target, timing, json_path, keep_remote, remote_timeout, step)
     else:
         for path in paths:
             runner_device(path, device)  # every artifact's incompatibility is reported before any timing starts
-        report = _bench_here(paths, device, config, threads=threads, precisions=precisions, arch=arch,
-                             num_classes=num_classes, provider=provider, loader=loader, step=step)
+        report = _bench_here(paths, device, timing, threads=threads, precisions=precisions, arch=arch,
+                             num_classes=num_classes, provider=config.provider, loader=loader, step=step)
 
     _add_accuracy(report, accuracies or Accuracies())
     busy = busy_machine_warning(report.env.get("busy_cores_of_others"), report.env.get("cpu_cores_usable"))

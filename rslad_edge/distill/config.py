@@ -6,15 +6,18 @@ Precedence: preset < the method's own recipe (preset ``paper`` only) < ``--confi
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rslad_edge.attacks.eps import parse_eps
+from rslad_edge.distill.methods import METHODS
 from rslad_edge.errors import ConfigError, UsageError, unknown_name_error
 from rslad_edge.io import read_yaml_mapping
+from rslad_edge.options import comma_ints, key_table, key_values, levels_text, option, read_mapping, specs
 
 # How the KL terms of RSLAD and ARD are reduced (RSLAD.md, "Loss scale = learning rate"):
 # - authors:   as their code reduces them: the elementwise mean over batch x classes, i.e. batchmean KL / 10 for
@@ -70,60 +73,119 @@ PRESETS: dict[str, dict[str, Any]] = {
 SMOKE_TEACHER: dict[str, Any] = {"method": "sat", "student": "smallcnn-wide", "lr": 0.05}
 
 
+def parse_input_size(value: Any, flag: str = "--input-size") -> list[int]:
+    """``96``, ``"96"``, ``"96x128"``, ``[96, 128]`` -> ``[H, W]`` (one number: a square)."""
+    try:
+        if isinstance(value, str):
+            parts = [int(part) for part in value.lower().replace(" ", "").split("x")]
+        elif isinstance(value, int):
+            parts = [value]
+        else:
+            parts = [int(part) for part in value]
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'")
+    return parts
+
+
 @dataclass
 class DistillConfig:
-    """Every knob of ``rslad-edge distill``; field names are the CLI flags with dashes as underscores."""
+    """Every knob of ``rslad-edge distill``: each field is its option (flag, help, default, parsing of its text);
+    the command line, the ``--config`` / pipeline keys and the resume rule are derived from them."""
 
-    out: str = "runs/distill"
+    out: str = option("runs/distill", help="Run directory.")
     # Architectures: a registry name, torchvision:NAME, timm:NAME or package.module:factory (models/external.py),
     # with the keyword arguments of its constructor (e.g. {width_mult: 0.75}).
-    student: str = "mobilenetv2"
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    teacher: str | None = None  # checkpoint path, or robustbench:NAME
-    teacher_arch: str | None = None  # for a bare-state-dict teacher
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)
-    # No --teacher: train one first (SAT, this run's data and schedule) with this architecture, under OUT/teacher.
-    train_teacher: str | None = None
-    teacher_dataset: str | None = None  # a RobustBench teacher's own dataset (imagenet), when it is not --dataset
-    class_map: str | None = None  # YAML / JSON: our class name -> the teacher's class indices (models/teacher.py)
-    class_map_reduce: str = "sum"  # sum (of the group's probabilities) | max (of its logits)
-    method: str = "rslad"
-    dataset: str = "cifar10"
-    data_root: str | None = None
-    num_classes: int | None = None  # from the dataset when None
-    # (H, W) the student takes; None: the student's own config (timm, torchvision weights), else the data's size.
-    # Images are resized (shorter side) and center-cropped to it; written resolved into config.yaml.
-    input_size: list[int] | None = None
-    augment: str | None = None  # pad-crop-flip | rrc-flip; None: by input size (data/augment.py), written resolved
-    memory_budget: float | None = None  # GiB a split may take in memory before it is streamed from disk
-    epochs: int = 300
-    batch_size: int = 128  # global batch (split across DDP ranks)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    # The first epochs (1-based) at the lower rate. RSLAD's code multiplies the lr by 0.1 *after* epochs 215, 260 and
-    # 285 (`if epoch in [215, 260, 285]` at the end of the epoch), so 216 is the first epoch at 0.01.
-    milestones: list[int] = field(default_factory=lambda: [216, 261, 286])
-    lr_gamma: float = 0.1
-    loss_scale: str = "authors"  # authors | batchmean (LOSS_SCALES above)
-    eps: float = 8 / 255  # L-inf radius in [0, 1] pixel units
-    step_size: float = 2 / 255
-    attack_steps: int = 10
-    alpha: float | None = None  # method hyperparameters; None = the method's authors' default
-    temperature: float | None = None
-    beta: float | None = None
-    train_subset: int | None = None  # a fixed seeded sample of the training set (after the held-out split)
-    val_n: int = 1000  # training images held out (seeded) for the per-epoch clean / PGD-20 check and selection
-    select: str = "val"  # val | last | test (SELECTIONS above)
-    eval_n: int = 1000  # test images for the per-epoch check under --select test only (fixed seeded sample)
-    eval_every: int = 1
-    eval_steps: int = 20
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    device: str = "auto"
-    compile: bool = False
-    sync_bn: bool = False
-    seed: int = 0
-    preset: str = "paper"
+    student: str = option(
+        "mobilenetv2", help="Student architecture: a registry name (`rslad-edge models`), torchvision:NAME (e.g. "
+        "torchvision:mobilenet_v3_small), timm:NAME (timm extra) or package.module:factory.")
+    student_kwargs: dict[str, Any] = option(
+        {}, parse=key_values, help="Options of the student's constructor, KEY=VALUE[,KEY=VALUE], e.g. width_mult=0.75.")
+    teacher: str | None = option(
+        None, help="Robust teacher: a checkpoint, or robustbench:NAME (robustbench extra). Omitted: --train-teacher "
+        "trains one first (the smoke preset always does).")
+    teacher_arch: str | None = option(
+        None, flags=("--teacher-arch", "--arch"),
+        help="Architecture of a bare-state-dict teacher, e.g. wrn-34-10 or torchvision:resnet50.")
+    teacher_kwargs: dict[str, Any] = option(
+        {}, parse=key_values, help="Options of a bare-state-dict teacher's constructor, KEY=VALUE[,KEY=VALUE].")
+    train_teacher: str | None = option(
+        None, help="No teacher at hand: first train one of this architecture with SAT (this run's data and "
+        "schedule) under OUT/teacher, then distil from it.")
+    teacher_dataset: str | None = option(
+        None, help="The dataset a robustbench: teacher was trained on, when not --dataset: imagenet (1,000 classes; "
+        "needs --class-map).")
+    class_map: str | None = option(
+        None, help="YAML/JSON mapping each of your class names to the teacher's class indices (e.g. cat: [281, 282]),"
+        " for a teacher of other classes (an ImageNet model).")
+    class_map_reduce: str = option(
+        "sum", help="How a class map joins a group's logits: sum (of probabilities: logsumexp of the logits) or max.")
+    method: str = option("rslad", help=f"Training method: {', '.join(METHODS)}.")
+    dataset: str = option(
+        "cifar10", help="cifar10, cifar100, imagefolder (ROOT/{train,test}/<class>/) or shapes (synthetic).")
+    data_root: str | None = option(None, help="Dataset folder.")
+    num_classes: int | None = option(None, default_text="the dataset's", help="Class count.")
+    input_size: list[int] | None = option(
+        None, parse=parse_input_size, default_text="the student's own config (timm), else the data's",
+        help="Image size the student takes, H or HxW in pixels (e.g. 96, 224x160). Images are resized (shorter side) "
+        "and center-cropped to it; written resolved into config.yaml.")
+    augment: str | None = option(
+        None, default_text="pad-crop-flip up to 64 px, rrc-flip above",
+        help="Training augmentation: pad-crop-flip (CIFAR's) or rrc-flip (random-resized crop + flip); written "
+        "resolved into config.yaml.")
+    memory_budget: float | None = option(
+        None, default_text="a quarter of this machine's memory",
+        help="GiB a data split may take in memory; a larger one is streamed from its decoded cache on disk.")
+    epochs: int = option(300, resumable=True, help="Epochs.")
+    batch_size: int = option(128, help="Global batch size (split across DDP ranks).")
+    lr: float = option(0.1, help="SGD learning rate.")
+    momentum: float = option(0.9, help="SGD momentum.")
+    weight_decay: float = option(2e-4, help="SGD weight decay.")
+    # RSLAD's code multiplies the lr by 0.1 *after* epochs 215, 260 and 285 (`if epoch in [215, 260, 285]` at the end
+    # of the epoch), so 216 is the first epoch at 0.01.
+    milestones: list[int] = option(
+        [216, 261, 286], parse=comma_ints("216,261,286"),
+        help="First epochs (1-based) at a --lr-gamma lower lr; RSLAD's code lowers it after epochs 215, 260, 285.")
+    lr_gamma: float = option(0.1, help="Factor on the lr at each milestone.")
+    loss_scale: str = option(
+        "authors", help="authors: RSLAD's and ARD's KL as their code reduces it (batchmean / 10, batchmean / "
+        "classes), at which the paper's lr was tuned; batchmean: the scale of a cross-entropy. A loss scaled by s at "
+        "lr η, weight decay λ steps exactly as the unscaled loss at lr η·s, weight decay λ/s (SGD, momentum).")
+    eps: float = option(8 / 255, parse=parse_eps, show=levels_text,
+                        help="L-inf radius of the training attack in [0, 1] pixel units: 8/255, not 8.")
+    step_size: float = option(2 / 255, parse=functools.partial(parse_eps, name="--step-size"), show=levels_text,
+                              help="Attack step size, pixel units.")
+    attack_steps: int = option(10, help="PGD steps of the training attack.")
+    alpha: float | None = option(None, default_text="the method's", help="Method weight.")
+    temperature: float | None = option(None, default_text="the method's", help="Distillation temperature.")
+    beta: float | None = option(None, default_text="the method's", help="TRADES / IAD beta.")
+    train_subset: int | None = option(
+        None, default_text="the whole training set",
+        help="Train on a fixed seeded sample of N images (after the held-out split).")
+    val_n: int = option(
+        1000, help="Training images held out (seeded, never trained on) for the per-epoch clean / PGD-20 check "
+        "that chooses student.pt.")
+    select: str = option(
+        "val", help="Which epoch becomes student.pt: val (best PGD-20 on the --val-n held-out images), last, or test "
+        "(best on --eval-n test images, trained on the whole training set: the paper's 'best checkpoint' row, "
+        "selected on the test split and recorded as such).")
+    eval_n: int = option(
+        1000, resumable=True, help="Test images (fixed seeded sample) for the per-epoch check under --select test.")
+    eval_every: int = option(1, resumable=True, help="Evaluate every K epochs (and the last).")
+    eval_steps: int = option(20, help="PGD steps of the per-epoch robust check.")
+    precision: str = option(
+        "auto", help="auto (bf16 + channels_last on CPUs with AVX-512 BF16 / AMX, AMP on CUDA, else fp32), fp32, "
+        "bf16, fp16.")
+    device: str = option("auto", resumable=True, help="auto, cpu, cuda or cuda:N.")
+    compile: bool = option(
+        False, flags=("--compile/--no-compile",),
+        help="torch.compile the student (CPU too; ~1 min of compile first; slower on the CPU we measured).")
+    sync_bn: bool = option(False, flags=("--sync-bn/--no-sync-bn",), help="SyncBatchNorm under torchrun (CUDA).")
+    seed: int = option(0, help="Seed of the weights, the data order and samples, the held-out split.")
+    preset: str = option("paper", help=f"Starting values: {', '.join(PRESETS)}.")
 
     def __post_init__(self) -> None:
         from rslad_edge.data import AUGMENT_RECIPES
@@ -190,37 +252,14 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}
-
-
-def parse_input_size(value: Any, flag: str = "--input-size") -> list[int]:
-    """``96``, ``"96"``, ``"96x128"``, ``[96, 128]`` -> ``[H, W]`` (one number: a square)."""
-    try:
-        if isinstance(value, str):
-            parts = [int(part) for part in value.lower().replace(" ", "").split("x")]
-        elif isinstance(value, int):
-            parts = [value]
-        else:
-            parts = [int(part) for part in value]
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise UsageError(f"{flag} takes H or HxW in pixels, e.g. 96 or 96x128; got '{value}'")
-    return parts
-
-
-def _normalise_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        if name not in FIELDS:
-            close = difflib.get_close_matches(name, FIELDS, n=1)
-            hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
-            raise ConfigError(f"unknown distill option '{key}' in {source}{hint}")
-        out[name] = value
-    return out
+# What each option's help shows beside its default (preset paper's): the other presets' values and each method's
+# own recipe (its hyperparameters; its schedule under preset paper), where they differ.
+DEFAULT_NOTES: dict[str, dict[str, Any]] = {
+    **{name: values for name, values in PRESETS.items() if values},
+    **{name: {**method.paper_overrides, **method.hyperparameters} for name, method in METHODS.items()},
+}
+# Options a resumed run may change: how long it runs, where, and how often it is evaluated.
+RESUME_OVERRIDES = tuple(name for name, spec in specs(DistillConfig).items() if spec.option.resumable)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -228,7 +267,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     data = read_yaml_mapping(path)
     if isinstance(data.get("distill"), dict):
         data = data["distill"]
-    return _normalise_keys(data, f"--config {path}")
+    return read_mapping(data, key_table(DistillConfig), where=f"--config {path}")
 
 
 def resolve_config(
@@ -240,7 +279,8 @@ def resolve_config(
     from rslad_edge.distill.methods import get_method
 
     file_values = dict(file_values or {})
-    cli_values = {k: v for k, v in _normalise_keys(cli_values or {}, source).items() if v is not None}
+    given = {key: value for key, value in (cli_values or {}).items() if value is not None}
+    cli_values = read_mapping(given, key_table(DistillConfig), where=source)
     preset = preset or cli_values.get("preset") or file_values.get("preset") or "paper"
     if preset not in PRESETS:
         raise unknown_name_error("--preset", preset, PRESETS)
@@ -258,7 +298,6 @@ def resolve_config(
     return DistillConfig(**values)
 
 
-RESUME_OVERRIDES = ("epochs", "device", "eval_every", "eval_n")
 # What a run's config.yaml from before --loss-scale / --val-n / --select did, so that resuming it continues it.
 _BEFORE_SELECTION = {"loss_scale": "authors", "val_n": 0, "select": "test"}
 
@@ -273,13 +312,13 @@ def resume_config(out: str | Path, **overrides: Any) -> DistillConfig:
     values = {**_BEFORE_SELECTION, **yaml.safe_load(path.read_text())}
     if values["select"] == "test" and values["eval_n"] == 0:
         values["select"] = "last"  # a run from before --select that evaluated nothing
-    for key, value in overrides.items():
-        if value is None or (key in values and values[key] == value):
+    given = {key: value for key, value in overrides.items() if value is not None}
+    options = specs(DistillConfig)
+    for key, value in read_mapping(given, key_table(DistillConfig), where="--resume").items():
+        if values.get(key, options[key].default) == value:
             continue
         if key not in RESUME_OVERRIDES:
-            raise UsageError(
-                f"--{key.replace('_', '-')} cannot change when resuming; only "
-                f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} can"
-            )
+            allowed = ", ".join(options[name].flag for name in RESUME_OVERRIDES)
+            raise UsageError(f"{options[key].flag} cannot change when resuming; only {allowed} can")
         values[key] = value
     return DistillConfig(**values)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rslad_edge.errors import ConfigError
+from rslad_edge.options import option
 
 FORMATS = ("onnx", "trt", "ort", "executorch")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -58,33 +61,67 @@ def not_a_choice(value: str, choices: tuple[str, ...]) -> str:
     return f"'{value}' is not one of {', '.join(choices)}.{hint}"
 
 
+def _thresholds_text() -> str:
+    parts = []
+    for precision, (diff, agreement) in PARITY_DEFAULTS.items():
+        diff_text = f"max |diff| {diff:g}, " if diff is not None else ""
+        parts.append(f"{precision}: {diff_text}agreement {agreement:.0%}")
+    return "; ".join(parts)
+
+
+def _choice(choices: tuple[str, ...], flag: str) -> Callable[[str], str]:
+    return functools.partial(choose, choices=choices, flag=flag)
+
+
 @dataclass
 class ExportConfig:
-    """One export. ``None`` means "the default derived from the rest" (documented per field)."""
+    """One export: each field is an option of ``rslad-edge export`` (rslad_edge.options). ``None`` means "the
+    default derived from the rest" (said in its help)."""
 
-    checkpoint: Path
-    format: str = "onnx"
-    precision: str = "fp32"
-    opset: int = DEFAULT_OPSET
-    batch: int | None = None  # None: dynamic batch (the default); N: a static batch of N
-    simplify: bool = False
-    out: Path | None = None  # None: <checkpoint folder>/export
-    name: str | None = None  # file stem; None: the checkpoint's stem (student.pt -> student.onnx)
-    target: str | None = None  # int8 activation format: cpu (U8S8) / trt (S8S8); None: trt for --format trt else cpu
-    calib_n: int = 512
-    calib_method: str = "minmax"
-    dataset: str | None = None  # None: the checkpoint's meta, else cifar10
-    data_root: str | None = None  # None: the checkpoint's meta, else the dataset's default
-    arch: str | None = None
-    num_classes: int | None = None
-    parity_n: int = 256
-    max_abs_diff: float | None = None  # None: PARITY_DEFAULTS[precision]
-    min_agreement: float | None = None
-    seed: int = 0
-    workspace_gib: float = 2.0
-    dla_core: int | None = None
-    opt_batch: int = 64  # TensorRT optimization profile for a dynamic batch: min 1, opt, max
-    max_batch: int = 256
+    checkpoint: Path = option(
+        positional=True, metavar="CHECKPOINT",
+        help="Checkpoint to export (rslad-edge format, or a bare state dict with --arch).")
+    format: str = option(
+        "onnx", parse=_choice(FORMATS, "--format"),
+        help="onnx; trt (the ONNX, then a TensorRT engine built on this GPU); ort (the ONNX, then its ONNX Runtime "
+        "Mobile form, .ort); executorch (a .pte lowered to XNNPACK, fp32 or int8; needs the mobile extra).")
+    precision: str = option("fp32", parse=_choice(PRECISIONS, "--precision"),
+                            help="fp32, fp16 (float32 I/O kept) or int8 (Q/DQ, calibrated).")
+    opset: int = option(DEFAULT_OPSET, help="ONNX opset.")
+    batch: int | None = option(
+        None, default_text="dynamic; 1 for executorch, whose programs are static in the batch",
+        help="A static batch of N.")
+    simplify: bool = option(False, flags=("--simplify",), help="Run onnxslim on the fp32 graph first.")
+    out: Path | None = option(None, default_text="<checkpoint folder>/export", help="Output folder.")
+    name: str | None = option(None, default_text="the checkpoint's", help="File stem.")
+    target: str | None = option(
+        None, parse=_choice(TARGETS, "--target"), default_text="trt with --format trt, else cpu",
+        help="Where the int8 model runs: cpu (uint8 activations (U8S8), ONNX Runtime's fast path) or trt "
+        "(symmetric int8 (S8S8), what TensorRT needs).")
+    calib_n: int = option(512, help="Training images to calibrate int8 on.")
+    calib_method: str = option(
+        "minmax", parse=_choice(CALIB_METHODS, "--calib-method"),
+        help="Activation ranges: minmax, entropy or percentile (ONNX); minmax or histogram (executorch).")
+    dataset: str | None = option(
+        None, default_text="the checkpoint's, else cifar10",
+        help="Images for parity (test split) and int8 calibration (train split): cifar10, cifar100, imagefolder, "
+        "shapes.")
+    data_root: str | None = option(None, default_text="the checkpoint's, else the dataset's",
+                                   help="Dataset folder.")
+    arch: str | None = option(None, help="Architecture of a bare state dict (see `rslad-edge models`).")
+    num_classes: int | None = option(None, help="Class count of a bare state dict.")
+    parity_n: int = option(256, help="Test images for the parity check against PyTorch.")
+    max_abs_diff: float | None = option(
+        None, default_text=_thresholds_text(), help="Parity: max |logit difference| allowed.")
+    min_agreement: float | None = option(
+        None, default_text="by precision, as for --max-abs-diff",
+        help="Parity: minimum top-1 agreement, a fraction (0.99).")
+    seed: int = option(0, help="Seed of the parity and calibration samples.")
+    workspace_gib: float = option(2.0, flags=("--workspace",), help="TensorRT builder workspace, GiB.")
+    dla_core: int | None = option(None, help="TensorRT: build for this DLA core (GPU fallback on).")
+    # TensorRT optimization profile for a dynamic batch: min 1, opt, max
+    opt_batch: int = option(64, help="TensorRT profile: the batch size to optimise for.")
+    max_batch: int = option(256, help="TensorRT profile: the largest batch (the smallest is 1).")
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)

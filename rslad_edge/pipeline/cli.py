@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.table import Table
 
 from rslad_edge.console import console
+from rslad_edge.distill.config import DistillConfig
 from rslad_edge.errors import GateFailedError
+from rslad_edge.options import command
 from rslad_edge.pipeline.config import PRESET_YAML
 from rslad_edge.record import RunRecord
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
 
+# Distill options the command line may set over the preset and --config: what differs from machine to machine.
+DISTILL_OVERRIDES = ("teacher", "teacher_arch", "data_root", "device")
+
 
 @app.callback(invoke_without_command=True)
+@command(DistillConfig, only=DISTILL_OVERRIDES, show_defaults=False, help_prefix="Overrides distill.{key}. ",
+         own_first=True)
 def pipeline_command(
-    preset: Annotated[str | None, typer.Option(help=f"{', '.join(PRESET_YAML)}. [default: smoke]")] = None,
+    given: dict[str, Any],
+    preset: Annotated[str, typer.Option(help=f"{', '.join(PRESET_YAML)}.")] = "smoke",
     config: Annotated[Path | None, typer.Option(
         help="YAML with sections distill / export / verify / bench whose keys are each stage's options; it "
         "overrides the preset key by key.")] = None,
@@ -30,12 +38,6 @@ def pipeline_command(
     force: Annotated[bool, typer.Option("--force", help="Delete the run in --out and start over.")] = False,
     print_config: Annotated[bool, typer.Option(
         "--print-config", help="Print the preset's complete, commented config and exit.")] = False,
-    teacher: Annotated[str | None, typer.Option(help="Override distill.teacher (a checkpoint or robustbench:NAME).")
-                       ] = None,
-    teacher_arch: Annotated[str | None, typer.Option(help="Override distill.teacher-arch for a bare state dict.")
-                            ] = None,
-    data_root: Annotated[str | None, typer.Option(help="Override distill.data-root.")] = None,
-    device: Annotated[str | None, typer.Option(help="Override distill.device (auto, cpu, cuda).")] = None,
 ) -> None:
     """distill -> export (ONNX fp32 + int8; fp16 and TensorRT where a GPU can) -> verify every artifact against
     the student checkpoint -> bench on this machine -> report.md / report.html.
@@ -49,13 +51,11 @@ def pipeline_command(
     from rslad_edge.pipeline.run import run_pipeline
 
     if print_config:
-        typer.echo(preset_text(preset or "smoke"), nl=False)
+        typer.echo(preset_text(preset), nl=False)
         raise typer.Exit()
     if resume and force:
         raise typer.BadParameter("--resume and --force exclude each other")
-    overrides = {"distill": {"teacher": teacher, "teacher_arch": teacher_arch, "data_root": data_root,
-                             "device": device}}
-    sections = load_pipeline_config(preset, config, overrides)
+    sections = load_pipeline_config(preset, config, {"distill": given})
     observer = RichObserver()
 
     def on_stage(stage: str, status: str) -> None:

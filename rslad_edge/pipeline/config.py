@@ -8,18 +8,20 @@ impossible value in any section is one line naming the section and the key.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
+from rslad_edge.bench.suite import BenchConfig
+from rslad_edge.distill.config import DistillConfig, resolve_config
 from rslad_edge.errors import ConfigError, PipelineConfigError, unknown_name_error
+from rslad_edge.export.config import FORMAT_PRECISIONS, FORMATS, ExportConfig, not_a_choice
 from rslad_edge.io import read_yaml_mapping
+from rslad_edge.options import Spec, comma_list, key_table, normal_key, option, read_mapping, specs
+from rslad_edge.verify.run import VerifyConfig
 
 STAGES = ("distill", "export", "verify", "bench")
 
@@ -128,7 +130,7 @@ def _sections(data: Any, source: str) -> dict[str, dict[str, Any]]:
         section = data.get(stage) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: section '{stage}' must be a mapping of option: value")
-        sections[stage] = {str(k).lstrip("-").replace("-", "_"): v for k, v in section.items()}
+        sections[stage] = {normal_key(k): v for k, v in section.items()}
     return sections
 
 
@@ -146,14 +148,35 @@ def load_pipeline_config(
     return sections
 
 
-# Keys a section takes besides its stage config's fields (the pipeline runs a stage several times).
-PIPELINE_KEYS: dict[str, dict[str, Any]] = {
-    "distill": {},
-    "export": {"formats": list[str], "precisions": list[str]},
-    "verify": {"checkpoint_attacks": list[str], "export_attacks": list[str]},
-    "bench": {},
+@dataclass
+class ExportSection:
+    """The export section's keys besides ExportConfig's options: the pipeline exports once per format and
+    precision."""
+
+    formats: list[str] = option(
+        ["onnx"], parse=comma_list, help="onnx, ort (ONNX Runtime Mobile; the ONNX too) and/or executorch (.pte); a "
+        "TensorRT engine is built from the ONNX where TensorRT and a GPU are present.")
+    precisions: list[str] = option(
+        ["fp32", "int8"], parse=comma_list, help="Each format's precisions among these (fp16 is added on a GPU).")
+
+
+@dataclass
+class VerifySection:
+    """The verify section's keys besides VerifyConfig's options: separate lists for the checkpoint and the exports,
+    when ``attacks`` (one list for every artifact) is not given."""
+
+    checkpoint_attacks: list[str] | None = option(None, parse=comma_list, help="Attacks on the student checkpoint.")
+    export_attacks: list[str] | None = option(None, parse=comma_list, help="Attacks on each export.")
+
+
+# What each section holds: its stage config's options (and the pipeline's own keys for that stage).
+SECTION_CONFIGS: dict[str, tuple[type, ...]] = {
+    "distill": (DistillConfig,),
+    "export": (ExportConfig, ExportSection),
+    "verify": (VerifyConfig, VerifySection),
+    "bench": (BenchConfig,),
 }
-# Keys the pipeline sets itself: a section may not.
+# Options the pipeline sets itself: a section may not.
 OWNED_KEYS: dict[str, tuple[str, ...]] = {
     "distill": ("out",),
     "export": ("checkpoint", "out", "precision", "format"),
@@ -162,17 +185,22 @@ OWNED_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def section_keys(stage: str) -> dict[str, Spec]:
+    """Key -> option, for every key the pipeline's ``stage`` section takes."""
+    return key_table(*SECTION_CONFIGS[stage], exclude=OWNED_KEYS[stage])
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Every section as its stage's typed config, checked before any work. ``exports`` and ``verify_*`` are built
     for ``OUT/student.pt``, the file distill will write; dataset and data root are distill's, resolved once."""
 
     sections: dict[str, dict[str, Any]]  # as given (after presets and overrides), for the report and stage keys
-    distill: Any  # DistillConfig
-    exports: list[Any]  # ExportConfig per precision
-    verify_checkpoint: Any  # VerifyConfig for the student checkpoint (white-box suite)
-    verify_export: Any  # VerifyConfig template for each export (artifact replaced), with the student as reference
-    bench: Any  # BenchConfig
+    distill: DistillConfig
+    exports: list[ExportConfig]  # one per format and precision
+    verify_checkpoint: VerifyConfig  # for the student checkpoint (white-box suite)
+    verify_export: VerifyConfig  # template for each export (artifact replaced), with the student as reference
+    bench: BenchConfig
     dataset: dict[str, str | None]
 
 
@@ -180,25 +208,12 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
                           engines: bool = False) -> PipelineConfig:
     """Build every stage's config from ``sections``; raises :class:`PipelineConfigError` (exit 2) naming the
     section and the key at fault. ``with_fp16`` / ``engines``: add fp16 / build TensorRT engines (a GPU is here)."""
-    from rslad_edge.attacks import parse_eps
-    from rslad_edge.bench.suite import BenchConfig
-    from rslad_edge.distill.config import DistillConfig, parse_input_size, resolve_config
-    from rslad_edge.export import ExportConfig
-    from rslad_edge.export.config import FORMAT_PRECISIONS
     from rslad_edge.models.external import is_factory_spec
-    from rslad_edge.verify import VerifyConfig
     from rslad_edge.verify.suite import checkpoint_attacks as checkpoint_attacks_of
     from rslad_edge.verify.suite import parse_attacks
 
     out = Path(out)
-    distill = dict(sections["distill"])
-    for key in ("eps", "step_size"):  # written 8/255 in YAML, as on the command line
-        if isinstance(distill.get(key), str):
-            distill[key] = _in_section("distill", lambda k=key: parse_eps(distill[k]), key=key.replace("_", "-"))
-    if isinstance(distill.get("input_size"), (int, str)):  # 96 or "96x128", as on the command line
-        distill["input_size"] = _in_section("distill", lambda: parse_input_size(distill["input_size"]),
-                                            key="input-size")
-    distill = dict(_checked(distill, "distill", DistillConfig))
+    distill = _read(sections, "distill")
     preset = distill.pop("preset", None)
     distill_cfg = _in_section("distill", lambda: resolve_config(
         preset, cli_values={**distill, "out": str(out)}, source="pipeline section 'distill'"))
@@ -207,14 +222,14 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
 
     # A student built by package.module:factory is rebuilt from its checkpoint only when named (it runs code).
     factory = {"arch": distill_cfg.student} if is_factory_spec(distill_cfg.student) else {}
-    export = {**factory, **_checked(sections["export"], "export", ExportConfig)}
-    precisions = list(export.pop("precisions", ["fp32", "int8"]))
-    formats = _in_section("export", lambda: export_formats(export.pop("formats", ["onnx"])), key="formats")
+    export = {**factory, **_read(sections, "export")}
+    plan = _split(export, ExportSection)
+    formats = _in_section("export", lambda: export_formats(plan.formats), key="formats")
     export.setdefault("dataset", dataset["name"])
     export.setdefault("data_root", dataset["root"])
     exports = []
     for export_format in formats:
-        format_precisions = [p for p in precisions if p in FORMAT_PRECISIONS[export_format]]
+        format_precisions = [p for p in plan.precisions if p in FORMAT_PRECISIONS[export_format]]
         if export_format == "onnx" and with_fp16 and "fp16" not in format_precisions:
             format_precisions.append("fp16")  # fp16 pays off on GPUs only
         if not format_precisions:
@@ -226,10 +241,9 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
             checkpoint=student, precision=p, out=out / "export", format=f, **export))
             for precision in format_precisions]
 
-    verify = {**factory, **_checked(sections["verify"], "verify", VerifyConfig)}
-    checkpoint_attacks = verify.pop("checkpoint_attacks", None)
-    export_attacks = verify.pop("export_attacks", None)
-    for key, names in (("checkpoint-attacks", checkpoint_attacks), ("export-attacks", export_attacks)):
+    verify = {**factory, **_read(sections, "verify")}
+    lists = _split(verify, VerifySection)
+    for key, names in (("checkpoint-attacks", lists.checkpoint_attacks), ("export-attacks", lists.export_attacks)):
         if names is not None:
             _in_section("verify", lambda names=names: parse_attacks(names), key=key)
     verify.setdefault("dataset", dataset["name"])
@@ -239,8 +253,8 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     # One list for every artifact: each export faces all of it; the checkpoint its white-box and query attacks
     # (transfer and divergence need a float model beside it), which is also exactly what it faces as each export's
     # reference, so its own worst case is the one every export's drop is measured against.
-    export_list = attacks or export_attacks
-    checkpoint_list = checkpoint_attacks if not attacks else None
+    export_list = attacks or lists.export_attacks
+    checkpoint_list = lists.checkpoint_attacks if not attacks else None
     if checkpoint_list is None and export_list is not None:
         checkpoint_list = _in_section("verify", lambda: checkpoint_attacks_of(export_list), key="attacks")
     verify_checkpoint = _in_section("verify", lambda: VerifyConfig(
@@ -248,7 +262,7 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
     verify_export = _in_section("verify", lambda: VerifyConfig(
         artifact=out / "export" / "student.onnx", reference=student, max_drop=max_drop, attacks=export_list, **verify))
 
-    bench = _in_section("bench", lambda: BenchConfig(**_checked(sections["bench"], "bench", BenchConfig)))
+    bench = _in_section("bench", lambda: BenchConfig(**_read(sections, "bench")))
     phone_formats = [f for f in formats if f in ("ort", "executorch")]
     if phone_formats and bench.resolved_device() != "cpu":
         raise PipelineConfigError(f"pipeline section 'bench': device {bench.resolved_device()} cannot run the "
@@ -258,11 +272,22 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
                           dataset=dataset)
 
 
+def _read(sections: dict[str, dict[str, Any]], stage: str) -> dict[str, Any]:
+    """The ``stage`` section as field name -> value: every key known, every value of its field's type."""
+    owned = {key: "the pipeline sets it" for cls in SECTION_CONFIGS[stage] for name, spec in specs(cls).items()
+             if name in OWNED_KEYS[stage] for key in spec.keys}
+    return read_mapping(sections[stage], section_keys(stage), where=f"pipeline section '{stage}'",
+                        error=PipelineConfigError, reserved=owned)
+
+
+def _split(values: dict[str, Any], cls: type) -> Any:
+    """``cls`` (a section's own keys) built from the entries of ``values`` that are its fields, taken out."""
+    return cls(**{name: values.pop(name) for name in specs(cls) if name in values})
+
+
 def export_formats(formats: list[str]) -> list[str]:
     """The export section's ``formats``, checked; ``ort`` makes the ONNX too (the .ort is converted from it), so a
     list with both exports each ONNX once."""
-    from rslad_edge.export.config import FORMATS, not_a_choice
-
     choices = tuple(f for f in FORMATS if f != "trt")  # engines are built where TensorRT and a GPU are present
     for name in formats:
         if name not in choices:
@@ -282,58 +307,3 @@ def _in_section(stage: str, build: Any, key: str | None = None) -> Any:
         message = str(exc)
         raise PipelineConfigError(message if message.startswith("pipeline section") else f"{where}: {message}") \
             from None
-
-
-def _checked(section: dict[str, Any], stage: str, cls: type) -> dict[str, Any]:
-    """``section`` with every key known to ``cls`` (or the pipeline) and every value of the field's type."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in OWNED_KEYS[stage]}
-    known.update(PIPELINE_KEYS[stage])
-    for key, value in section.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
-            owned = " (the pipeline sets it)" if key in OWNED_KEYS[stage] else ""
-            raise PipelineConfigError(f"pipeline section '{stage}': unknown key '{key.replace('_', '-')}'"
-                                      f"{owned or hint}")
-        if not _conforms(value, known[key]):
-            raise PipelineConfigError(f"pipeline section '{stage}', key '{key.replace('_', '-')}': expected "
-                                      f"{_describe(known[key])}, got {value!r}")
-    return section
-
-
-def _conforms(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_conforms(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return isinstance(value, (list, tuple)) and all(_conforms(item, args[0]) for item in value if args)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is Path:
-        return isinstance(value, (str, Path))
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _describe(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in typing.get_args(annotation) else "")
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        plural = {int: "integers", float: "numbers", str: "strings", Path: "paths"}
-        return f"a list of {plural.get(args[0], _describe(args[0]))}" if args else "a list"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -192,8 +192,8 @@ def _run_bench(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
         device = bench_cfg.resolved_device()
         json_path = record.root / "bench" / f"{device}.json"
         plot = bench_cfg.plot and importlib.util.find_spec("matplotlib") is not None
-        bench_artifacts([a.path for a in artifacts], **bench_cfg.options(), accuracies=accuracies, json_path=json_path,
-                        plot=plot, arch=cfg.distill.student if is_factory_spec(cfg.distill.student) else None)
+        bench_artifacts([a.path for a in artifacts], bench_cfg, accuracies=accuracies, json_path=json_path, plot=plot,
+                        arch=cfg.distill.student if is_factory_spec(cfg.distill.student) else None)
         record.bench = BenchEntry(device=device, batches=list(bench_cfg.batch), json_path=json_path,
                                   plot_path=json_path.with_suffix(".png") if plot else None)
         return [json_path] + ([record.bench.plot_path] if record.bench.plot_path else [])

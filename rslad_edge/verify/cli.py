@@ -1,12 +1,14 @@
 """`rslad-edge verify`: parses options, calls ``verify_artifact``, prints one table, applies the gate. No attack logic.
 
+Its options are VerifyConfig's fields (rslad_edge.options derives them).
+
 The progress bar goes to stderr and disappears when done, so stdout holds only the table.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 import typer
 from rich import box
@@ -15,16 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from rslad_edge.console import console, err_console
+from rslad_edge.options import command, levels_text
 from rslad_edge.verify.report import CLEAN_ROW, WORST_CASE_ROW, AttackDetail, VerifyReport
-from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, VERIFY_ATTACKS
+from rslad_edge.verify.run import VerifyConfig
 
 app = typer.Typer(rich_markup_mode="rich", subcommand_metavar="")
 
 
-def eps_text(eps: float) -> str:
-    """8/255 when the budget is a whole number of grey levels (as the papers write it), else the number."""
-    levels = eps * 255
-    return f"{round(levels)}/255" if abs(levels - round(levels)) < 1e-6 else f"{eps:g}"
 
 
 def _percent(value: float | None) -> str:
@@ -56,7 +55,7 @@ def results_table(report: VerifyReport) -> Table:
     table = Table(
         title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
-        f"L-inf eps {eps_text(report.eps)}; accuracy in %, its 95% Wilson interval in brackets"
+        f"L-inf eps {levels_text(report.eps)}; accuracy in %, its 95% Wilson interval in brackets"
         + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
            "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
            if report.reference else "")
@@ -174,50 +173,8 @@ def _progress_callback(progress: Progress):
 
 
 @app.callback(invoke_without_command=True, context_settings={"allow_interspersed_args": True})
-def verify_command(
-    artifact: Annotated[Path, typer.Argument(
-        metavar="ARTIFACT", show_default=False,
-        help="What to verify: a checkpoint (.pt), an ONNX model (.onnx, .ort), an ExecuTorch program (.pte) or a "
-        "TensorRT engine (.engine).")],
-    reference: Annotated[Path | None, typer.Option(
-        help="The PyTorch checkpoint the artifact came from: measured on the same images and adversarial examples, "
-        "the drop shown; also the default transfer source.")] = None,
-    source: Annotated[list[Path] | None, typer.Option(
-        "--source", help="Another checkpoint to craft transfer examples on (repeatable; the reference is one too).")
-    ] = None,
-    arch: Annotated[str | None, typer.Option(
-        help="Architecture of bare-state-dict checkpoints among the artifact, reference and sources.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Class count of bare-state-dict checkpoints.")] = None,
-    dataset: Annotated[str | None, typer.Option(
-        help="cifar10, cifar100, imagefolder or shapes. \\[default: what the artifact was trained on, else cifar10]")
-    ] = None,
-    data_root: Annotated[str | None, typer.Option(help="Dataset folder.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Seeded test images to verify on (clipped to the test set).")] = 1000,
-    attacks: Annotated[str | None, typer.Option(
-        help=f"Comma-separated, from: {', '.join(VERIFY_ATTACKS)}. \\[default: {','.join(CHECKPOINT_DEFAULT_ATTACKS)} "
-        "for every artifact, plus transfer_pgd,transfer_cw with a --reference or --source and divergence with a "
-        "--reference]")] = None,
-    eps: Annotated[str, typer.Option(help="L-inf budget in pixel units: 8/255 or 0.031.")] = "8/255",
-    square_queries: Annotated[int, typer.Option(help="Square's queries per image (5000 in the paper).")] = 5000,
-    square_schedule: Annotated[str, typer.Option(
-        help="Square's p schedule: budget (compressed to --square-queries: ties paper on robust models at "
-        "1,000-5,000 queries, far stronger on weak ones; measured) or paper (fixed for 10,000 queries, p_init 0.8: "
-        "the paper's and AutoAttack's setting).")
-    ] = "budget",
-    batch_size: Annotated[int, typer.Option(
-        help="Images per attack batch and per runtime call (Square sends all images of a query at once).")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed of the image sample, PGD starts, Square and AutoAttack.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here (JSON).")] = None,
-    max_drop: Annotated[float | None, typer.Option(
-        help="Gate: exit 3 when any attack's robust accuracy drops by more than PP points against --reference.",
-        metavar="PP")] = None,
-    device: Annotated[str, typer.Option(
-        help="auto, cpu, cuda[:N] (PyTorch, ONNX Runtime CUDA) or trt[:N] (ONNX Runtime TensorRT).")] = "auto",
-    threads: Annotated[int | None, typer.Option(help="Intra-op CPU threads. \\[default: the backend's]")] = None,
-    aa_version: Annotated[str, typer.Option(
-        help="AutoAttack version: standard, plus, rand, or apgd (standard's APGD-CE + APGD-T only: a third of the "
-        "cost on a CPU; Square is its own column).")] = "standard",
-) -> None:
+@command(VerifyConfig)
+def verify_command(given: dict[str, Any]) -> None:
     """Robust accuracy of an artifact, measured on the artifact itself, next to the model it came from.
 
       rslad-edge verify runs/mnv2/student.pt --dataset cifar10 --n 1000
@@ -228,15 +185,9 @@ def verify_command(
     runtime) and Square; with --reference / --source also transfer attacks and the divergence attack. A sample
     counts as robust in the worst case only if it survives every attack. Exit 3 when --max-drop is crossed.
     """
-    from rslad_edge.verify.run import VerifyConfig, verify_artifact
+    from rslad_edge.verify.run import verify_artifact
 
-    cfg = VerifyConfig(
-        artifact=artifact, reference=reference, sources=source or [], arch=arch, num_classes=num_classes,
-        dataset=dataset, data_root=data_root, n=n, attacks=attacks.split(",") if attacks is not None else None,
-        eps=eps, square_queries=square_queries, square_schedule=square_schedule, batch_size=batch_size, seed=seed,
-        json_path=json_out,
-        max_drop=max_drop, device=device, threads=threads, aa_version=aa_version,
-    )
+    cfg = VerifyConfig(**given)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
@@ -247,8 +198,8 @@ def verify_command(
         console.print(line, style="dim", highlight=False, soft_wrap=True)
     for note in report.notes:
         err_console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
-    if json_out is not None:
-        console.print(f"[bold green]wrote[/] {json_out}", highlight=False)
+    if cfg.json_path is not None:
+        console.print(f"[bold green]wrote[/] {cfg.json_path}", highlight=False)
     report.check_gate(cfg.max_drop)
     if cfg.max_drop is not None:
         console.print(f"[bold green]gate passed:[/] no robust accuracy dropped by more than {cfg.max_drop:g} points",

@@ -8,7 +8,7 @@ the JSON atomically. The CLI is a thin shell over this; the pipeline calls it to
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,37 +16,61 @@ from rslad_edge.attacks.square import DEFAULT_SCHEDULE
 from rslad_edge.data import ImageSet, dataset_for_model, load_sample, preprocess_for_model, to_float
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
+from rslad_edge.options import comma_list, levels_text, option
 from rslad_edge.runtime import CHECKPOINT_SUFFIXES, Runner, load_runner
 from rslad_edge.verify.core import ProgressFn, check_verify_options, verify
 from rslad_edge.verify.report import VerifyReport
-from rslad_edge.verify.suite import parse_attacks
+from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, VERIFY_ATTACKS, parse_attacks
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class VerifyConfig:
-    """Everything ``rslad-edge verify`` takes; validated on creation, messages name the flag."""
+    """Everything ``rslad-edge verify`` takes, each field one of its options (rslad_edge.options); validated on
+    creation, messages name the flag."""
 
-    artifact: Path
-    reference: Path | None = None
-    sources: list[Path] = field(default_factory=list)  # besides the reference, which is always a source
-    arch: str | None = None  # for bare state dicts (artifact, reference or sources); self-describing files ignore it
-    num_classes: int | None = None
-    dataset: str | None = None  # None: what the artifact (or reference) was trained on, else cifar10
-    data_root: str | None = None
-    n: int = 1000
-    attacks: list[str] | None = None  # None: white-box suite for a checkpoint, transfer + Square for an export
-    eps: float | str = 8 / 255
-    square_queries: int = 5000
-    square_schedule: str = DEFAULT_SCHEDULE  # budget | paper
-    batch_size: int = 256
-    seed: int = 0
-    json_path: Path | None = None
-    max_drop: float | None = None  # points
-    device: str = "auto"
-    threads: int | None = None
-    aa_version: str = "standard"
+    artifact: Path = option(
+        positional=True, metavar="ARTIFACT",
+        help="What to verify: a checkpoint (.pt), an ONNX model (.onnx, .ort), an ExecuTorch program (.pte) or a "
+        "TensorRT engine (.engine).")
+    reference: Path | None = option(
+        None, help="The PyTorch checkpoint the artifact came from: measured on the same images and adversarial "
+        "examples, the drop shown; also the default transfer source.")
+    sources: list[Path] = option(
+        [], flags=("--source",),
+        help="Another checkpoint to craft transfer examples on (repeatable; the reference is one too).")
+    arch: str | None = option(
+        None, help="Architecture of bare-state-dict checkpoints among the artifact, reference and sources; "
+        "self-describing files ignore it.")
+    num_classes: int | None = option(None, help="Class count of bare-state-dict checkpoints.")
+    dataset: str | None = option(None, default_text="what the artifact (or reference) was trained on, else cifar10",
+                                 help="cifar10, cifar100, imagefolder or shapes.")
+    data_root: str | None = option(None, help="Dataset folder.")
+    n: int = option(1000, help="Seeded test images to verify on (clipped to the test set).")
+    attacks: list[str] | None = option(
+        None, parse=comma_list, help=f"Comma-separated, from: {', '.join(VERIFY_ATTACKS)}.",
+        default_text=f"{','.join(CHECKPOINT_DEFAULT_ATTACKS)} for every artifact, plus transfer_pgd,transfer_cw with "
+        "a --reference or --source and divergence with a --reference")
+    eps: float | str = option(8 / 255, show=levels_text, help="L-inf budget in pixel units: 8/255 or 0.031.")
+    square_queries: int = option(5000, help="Square's queries per image (5000 in the paper).")
+    square_schedule: str = option(
+        DEFAULT_SCHEDULE, help="Square's p schedule: budget (compressed to --square-queries: ties paper on robust "
+        "models at 1,000-5,000 queries, far stronger on weak ones; measured) or paper (fixed for 10,000 queries, "
+        "p_init 0.8: the paper's and AutoAttack's setting).")
+    batch_size: int = option(
+        256, help="Images per attack batch and per runtime call (Square sends all images of a query at once).")
+    seed: int = option(0, help="Seed of the image sample, PGD starts, Square and AutoAttack.")
+    json_path: Path | None = option(None, flags=("--json",), help="Write the results here (JSON).")
+    max_drop: float | None = option(
+        None, metavar="PP",
+        help="Gate: exit 3 when any attack's robust accuracy drops by more than PP points against --reference.")
+    device: str = option(
+        "auto", help="auto, cpu, cuda[:N] (PyTorch, ONNX Runtime CUDA) or trt[:N] (ONNX Runtime TensorRT).")
+    threads: int | None = option(None, default_text="the backend's", help="Intra-op CPU threads.")
+    aa_version: str = option(
+        "standard", help="AutoAttack version: standard, plus, rand, or apgd (standard's APGD-CE + APGD-T only: a "
+        "third of the cost on a CPU; Square is its own column).")
 
     def __post_init__(self) -> None:
         self.artifact = Path(self.artifact)
