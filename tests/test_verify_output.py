@@ -3,7 +3,6 @@ terminal). Whatever form the accuracies take, each row of the table must stay on
 
 from __future__ import annotations
 
-import pytest
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
@@ -12,8 +11,6 @@ from rslad_edge.console import console
 ROW_LABELS = ("clean", "fgsm", "transfer_pgd", "from student.pt (reference)", "square", "worst case")
 
 
-@pytest.mark.xfail(strict=True, reason="verify/cli.py still prints each interval as '[low, high]' to 0.1 points, "
-                   "which breaks over two lines at 80 columns; drop this marker with the compact form")
 def test_the_verify_table_keeps_one_row_per_line_at_80_columns(tiny_exports, monkeypatch):
     monkeypatch.setattr(console, "width", 80)
     result = CliRunner().invoke(app, ["verify", str(tiny_exports["fp32"]), "--reference", str(tiny_exports["pt"]),

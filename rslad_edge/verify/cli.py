@@ -7,6 +7,7 @@ The progress bar goes to stderr and disappears when done, so stdout holds only t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,17 @@ def _percent(value: float | None) -> str:
 
 
 def _accuracy(report: VerifyReport, row: str, *, reference: bool = False) -> str:
-    """``47.3 [44.2, 50.4]``: the accuracy and its 95 % Wilson interval, in %."""
+    """``47.3 (44-51)``: the accuracy and its 95 % Wilson interval, in %.
+
+    The bounds are rounded outward to whole points: to 0.1 (``[44.2, 50.4]``) they take 5 more columns per model, so
+    at 80 columns (piped output, CI) every row broke over two lines; outward rounding never narrows the interval,
+    and the JSON keeps the exact bounds (``ci95``).
+    """
     value, interval = report.accuracy(row, reference=reference), report.accuracy_ci95(row, reference=reference)
     if value is None or interval is None:
         return "-"
-    return f"{100 * value:.1f} [dim][{100 * interval[0]:.1f}, {100 * interval[1]:.1f}][/]"
+    low, high = math.floor(100 * interval[0] + 1e-9), math.ceil(100 * interval[1] - 1e-9)
+    return f"{100 * value:.1f} [dim]({low}-{high})[/]"
 
 
 def _drop(report: VerifyReport, row: str) -> str:
@@ -52,10 +59,12 @@ def results_table(report: VerifyReport) -> Table:
     info = report.artifact.info
     name = Path(info.path).name if info.path else info.backend
     dataset = report.config.get("dataset")
+    reference_path = report.reference.info.path if report.reference is not None else None
     table = Table(
-        title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})",
+        title=f"rslad-edge verify: {name} ({info.backend} {info.provider}, {info.precision})"
+        + (f" against {Path(reference_path).name}" if reference_path else ""),
         caption=f"{report.n} {dataset + ' ' if dataset else ''}test images, seed {report.seed}, "
-        f"L-inf eps {levels_text(report.eps)}; accuracy in %, its 95% Wilson interval in brackets"
+        f"L-inf eps {levels_text(report.eps)}; accuracy in % (its 95% Wilson interval, rounded outward)"
         + ("; drop = reference - artifact in points on the same images (worst case: the checkpoint's worst case - "
            "the artifact's), ± its paired 95% interval; - where a model did not face the attack"
            if report.reference else "")
@@ -64,14 +73,17 @@ def results_table(report: VerifyReport) -> Table:
         + "".join(f"\n[yellow]warning:[/] {escape(warning)}" for warning in report.warnings),
         caption_justify="left",
         box=box.SIMPLE_HEAD,
+        # Two spaces between columns (the separator and a left pad), none at the edges: 80 columns then hold the
+        # label "  from student.pt (reference)" next to two accuracies with their intervals, a drop and seconds.
+        show_edge=False, pad_edge=False, padding=(0, 0, 0, 1),
     )
+    # Figures never wrap (a row per line); only the label column gives way when a source's name is long.
     table.add_column("", style="bold")
-    table.add_column("artifact", justify="right")
+    table.add_column("artifact", justify="right", no_wrap=True)
     if report.reference is not None:
-        reference_path = report.reference.info.path
-        table.add_column("reference" + (f"\n{Path(reference_path).name}" if reference_path else ""), justify="right")
-        table.add_column("drop (pp)", justify="right")
-    table.add_column("seconds", justify="right")
+        table.add_column("reference", justify="right", no_wrap=True)
+        table.add_column("drop (pp)", justify="right", no_wrap=True)
+    table.add_column("seconds", justify="right", no_wrap=True)
     with_reference = report.reference is not None
     for row in report.rows:
         label = {CLEAN_ROW: "clean", WORST_CASE_ROW: "worst case"}.get(row, row)
