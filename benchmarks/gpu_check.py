@@ -129,7 +129,7 @@ class Settings:
 
     @classmethod
     def gpu(cls) -> Settings:
-        # Budgets: expected time on one H200 with margin; the sum is cut by time_limit_s (the 8 minutes
+        # Budgets: expected time on one H200 with margin; the sum is cut by time_limit_s (8 minutes in all,
         # less the install). Subprocess start-up (Python, torch, CUDA context: several seconds) is inside each.
         budgets = {"env": 40, "data": 90, "teacher": 100, "student": 110, "export_fp32": 60, "export_fp16": 60,
                    "bench": 60, "verify": 60, "window_eager": 40, "window_fp16": 40, "window_compiled": 150,

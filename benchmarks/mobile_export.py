@@ -1,8 +1,7 @@
 """Phone formats on this CPU: ExecuTorch (.pte, XNNPACK) fp32 / int8 against ONNX Runtime fp32 / int8, per model.
 
-    flock /tmp/rslad-heavy.lock python benchmarks/mobile_export.py runs/mnv2/student.pt \\
-        ../shared/models/resnet18-cifar10-fastat.pt --arch resnet18 \\
-        --dataset imagefolder --data-root DIR --threads 2 --out /tmp/mobile-figures --json mobile.json
+    python benchmarks/mobile_export.py runs/mnv2/student.pt resnet18-fastat.pt --arch resnet18 \\
+        --dataset imagefolder --data-root data/cifar10 --threads 2 --out /tmp/mobile-figures --json mobile.json
 
 For each checkpoint it exports, through ``rslad_edge.export.export`` (the CLI's path, parity check included):
 ONNX fp32, ONNX int8 (U8S8, ONNX Runtime's CPU fast path), and .pte fp32 / int8 (XNNPACK, PT2E) for batch 1 and
@@ -11,14 +10,14 @@ for batch 64 (a .pte is static in the batch). Then, with --threads for every run
 - latency: ``rslad_edge.bench.core.bench`` (what ``rslad-edge bench`` runs; p50 over --seconds after warm-up) at
   batch 1 and 64; a batch-1 .pte at batch 64 runs 64 calls (its row says so), the batch-64 .pte one call;
 - the same p50 from a bare loop over ExecuTorch's runtime (``method.execute([x])`` on a preallocated tensor, no
-  input checks, no copies), to show what the runner adds (the issue's bar: within 15%);
+  input checks, no copies), to show what the runner adds (it should stay within 15%);
 - parity against PyTorch on --parity-n test images (max |logit diff|, top-1 agreement) and the file size (with
   --min-agreement 0 an int8 export below export's 97% bar is kept and its agreement reported, not refused);
 - unless --skip-verify: ``rslad-edge verify`` of each batch-1 .pte against its checkpoint on --verify-n test images
   (transfer PGD-20 / CW crafted on the checkpoint, and Square with --square-queries queries), and the drop of the
   worst case.
 
-Figures are only meaningful on a quiet machine: run it alone (the flock above keeps heavy jobs apart).
+Figures are only meaningful on a quiet machine: run it alone.
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """What verify's attacks on an exported artifact cost: white-box on its twin vs on the checkpoint, Square vs a bare
 ``session.run`` loop.
 
-    python benchmarks/verify_cost.py --checkpoint /work/shared/models/resnet18-cifar10-fastat.pt --arch resnet18 \
+    python benchmarks/verify_cost.py --checkpoint resnet18-fastat.pt --arch resnet18 \
         --artifacts teacher.int8.onnx,teacher.int8-trt.onnx --n 100 --square-queries 300
 
 1. White-box: PGD-20 (``pgd_sat``) crafted on the same ``--n`` test images, once on the checkpoint (PyTorch) and once
-   on each artifact's differentiable twin; seconds per image, and the twin / checkpoint ratio. The issue asks for
-   "about what white-box costs on the checkpoint".
+   on each artifact's differentiable twin; seconds per image, and the twin / checkpoint ratio (the aim:
+   about what white-box costs on the checkpoint).
 2. Square: the attack on each artifact through verify's Runner (``spinning=False``, as verify opens it), every
    ``session.run`` call recorded (batch size, seconds); then a bare loop of ``session.run`` on a default session over
-   the very same sequence of batch sizes. Image-forwards per second of both; the issue asks for the attack to stay
-   within 10 % of the bare loop. Also the share of the attack's wall time spent inside ``session.run``.
+   the very same sequence of batch sizes. Image-forwards per second of both (the aim: the attack
+   within 10 % of the bare loop). Also the share of the attack's wall time spent inside ``session.run``.
 
-Prints the CPU model, threads and versions first. Heavy: run it alone (``flock /tmp/rslad-heavy.lock ...``).
+Prints the CPU model, threads and versions first. Heavy: run it alone, on a quiet machine.
 """
 
 from __future__ import annotations

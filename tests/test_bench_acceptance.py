@@ -1,4 +1,4 @@
-"""Issue 6 acceptance (slow, run on a quiet machine): `rslad-edge bench` of a MobileNetV2 checkpoint and its fp32 and
+"""Acceptance (slow, run on a quiet machine): `rslad-edge bench` of a MobileNetV2 checkpoint and its fp32 and
 int8 ONNX exports prints one table and writes JSON whose p50 at batch 64 agrees with an independent ONNX Runtime loop.
 
     .venv/bin/python -m pytest -m slow tests/test_bench_acceptance.py -s

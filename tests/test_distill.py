@@ -520,7 +520,7 @@ def test_torchrun_with_two_cpu_processes_agrees_with_a_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_preset_student_is_clearly_more_robust_than_a_natural_one(tmp_path):
-    """The issue's acceptance: minutes on a CPU, no files. About 3 minutes on 2 cores."""
+    """The smoke preset's promise: minutes on a CPU, no files. About 3 minutes on 2 cores."""
     result = runner.invoke(app, ["distill", "--preset", "smoke", "--out", str(tmp_path / "rslad")])
     assert result.exit_code == 0, result.output
     natural_args = ["distill", "--preset", "smoke", "--method", "natural", "--out", str(tmp_path / "nat")]

@@ -1,7 +1,7 @@
-"""Issue 13 acceptance (slow; the mobile extra, ../shared and real CIFAR-10): the shared ResNet-18 teacher as an
+"""Acceptance (slow; the mobile extra, ../shared and real CIFAR-10): the shared ResNet-18 teacher as an
 ExecuTorch program, checked on ExecuTorch's own runtime.
 
-    flock /tmp/rslad-heavy.lock .venv/bin/python -m pytest -m slow tests/test_mobile_acceptance.py -s
+    .venv/bin/python -m pytest -m slow tests/test_mobile_acceptance.py -s
 
 - ``export --format executorch``: fp32 agrees with PyTorch on every one of 256 test images (max |logit diff|
   printed), int8 (PT2E, XNNPACK quantizer) on at least 97%;

@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SGD 0.1 / momentum 0.9 / wd 2e-4 on the batchmean loss (= the authors' scale at lr 1.0 / wd 2e-5), PGD-10 of
     # 2/255 at eps 8/255, selection by PGD-20 on 500 held-out training images; 3 epochs of 10,000 training images,
     # the last at lr 0.01 (215/300 of the run at 0.1, as the paper's first decay). Measured on a quiet 2-core AMD
-    # EPYC (session 4, bf16): RSLAD 13.7 min wall in all (41-44 img/s with the per-epoch check), SAT 20.7 min,
+    # EPYC (2026-11, bf16): RSLAD 13.7 min wall in all (41-44 img/s with the per-epoch check), SAT 20.7 min,
     # ARD 17.5 min (their attacks run the student in train mode). It was sized from a measurement on a busy machine
     # (~20 img/s), so it uses under half of its 30 minutes here; a larger preset has not been run (README, distill).
     "cpu-30min": {
@@ -299,9 +299,6 @@ def resolve_config(
 
 
 # What a run's config.yaml from before --loss-scale / --val-n / --select did, so that resuming it continues it.
-_BEFORE_SELECTION = {"loss_scale": "authors", "val_n": 0, "select": "test"}
-
-
 def resume_config(out: str | Path, **overrides: Any) -> DistillConfig:
     """The config of the run in ``out``, as saved; a resumed run may only change how long it runs, where, and how
     often it is evaluated (anything else would silently make a different experiment). Repeating the run's own
@@ -309,9 +306,7 @@ def resume_config(out: str | Path, **overrides: Any) -> DistillConfig:
     path = Path(out) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume: '{out}' holds no run (no config.yaml); drop --resume to start one")
-    values = {**_BEFORE_SELECTION, **yaml.safe_load(path.read_text())}
-    if values["select"] == "test" and values["eval_n"] == 0:
-        values["select"] = "last"  # a run from before --select that evaluated nothing
+    values = yaml.safe_load(path.read_text())
     given = {key: value for key, value in overrides.items() if value is not None}
     options = specs(DistillConfig)
     for key, value in read_mapping(given, key_table(DistillConfig), where="--resume").items():
@@ -322,3 +317,9 @@ def resume_config(out: str | Path, **overrides: Any) -> DistillConfig:
             raise UsageError(f"{options[key].flag} cannot change when resuming; only {allowed} can")
         values[key] = value
     return DistillConfig(**values)
+
+
+def missing_teacher(cfg: DistillConfig) -> ConfigError:
+    """The one message for a method that needs a teacher and has none it can get."""
+    return ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME), or "
+                       "--train-teacher ARCH to train one first")

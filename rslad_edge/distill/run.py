@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rslad_edge.distill import ddp
-from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, resolve_config
+from rslad_edge.distill.config import SMOKE_TEACHER, DistillConfig, missing_teacher, resolve_config
 from rslad_edge.distill.methods import get_method
 from rslad_edge.distill.trainer import RUN_FILES, TrainObserver, check_run_dir, train
-from rslad_edge.errors import ConfigError
 from rslad_edge.record import Artifact
 
 logger = logging.getLogger(__name__)
@@ -73,8 +72,7 @@ def _own_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
     """No --teacher: train a robust teacher first (SAT) under ``OUT/teacher``: ``--train-teacher ARCH`` at the run's
     own lr, or the smoke preset's small one (SMOKE_TEACHER). Resumed when it was interrupted, reused when done."""
     if cfg.train_teacher is None and cfg.preset != "smoke":
-        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME), or "
-                          "--train-teacher ARCH to train one first")
+        raise missing_teacher(cfg)
     teacher_dir = Path(cfg.out) / TEACHER_DIR
     if (teacher_dir / "student.pt").exists():
         return teacher_dir / "student.pt"

@@ -45,7 +45,7 @@ from rslad_edge.data import (
 from rslad_edge.data.cifar import CIFAR_SIZE
 from rslad_edge.device import Precision, resolve_device, resolve_precision
 from rslad_edge.distill import ddp
-from rslad_edge.distill.config import DistillConfig
+from rslad_edge.distill.config import DistillConfig, missing_teacher
 from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_factor
 from rslad_edge.distill.schedules import step_lr
 from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
@@ -174,8 +174,8 @@ def train(
     if not resume and dist.is_main:
         check_run_dir(out, force)
     dist.barrier()
-    if get_method(cfg.method).needs_teacher and cfg.teacher is None:  # the smoke teacher is distill_student's job
-        raise ConfigError(f"--method {cfg.method} needs --teacher (a checkpoint path, or robustbench:NAME)")
+    if get_method(cfg.method).needs_teacher and cfg.teacher is None:  # training one is distill_student's job
+        raise missing_teacher(cfg)
 
     run = _build(cfg, dist)
     cfg = run.cfg

@@ -30,7 +30,7 @@ MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear need 13; TensorR
 DEFAULT_OPSET = 18  # the dynamo exporter's native opset: no version conversion; ONNX Runtime and TensorRT 10 read it
 
 # Parity thresholds against PyTorch fp32 on --parity-n test images: (max |logit difference| or None, top-1 agreement).
-# fp32: the same arithmetic in another order, so 1e-4 and every prediction identical (the bar).
+# fp32: the same arithmetic in another order, so 1e-4 and every prediction identical (the bar for an fp32 export).
 # fp16: 11-bit mantissas flip only predictions whose top-2 margin is within rounding (measured on the shared
 #   ResNet-18 teacher: max |diff| 0.0012 on logits of magnitude ~10, 100% agreement on 256 CIFAR-10 images); 0.1
 #   catches a broken conversion (an overflow or a wrong cast is off by whole units) while leaving room for deeper

@@ -7,7 +7,8 @@ Both keep the float32 [0, 1] input contract, so a caller (an attack, a benchmark
   ONNX, after the exporter folded BatchNorm in float32, so no folding happens in half precision. No new dependency.
   TensorRT 11 builds it as a strongly typed network as is.
 - int8: ``onnxruntime.quantization.quantize_static`` in QDQ format with per-channel symmetric int8 weights. The
-  activation format depends on where the model runs (figures from issue 4: ONNX Runtime, 2 threads, batch 64):
+  activation format depends on where the model runs (measured on a 2-core x86-64 CPU: ONNX Runtime, 2 threads,
+  batch 64):
   ``cpu`` -> U8S8 (uint8 asymmetric activations: 3.8x faster than fp32 on ResNet-18, the fast path of ONNX
   Runtime's x86 / ARM kernels); ``trt`` -> S8S8 with symmetric activations (zero point 0), the only form
   TensorRT's explicit quantization accepts. Calibration: minmax (ranges = observed min / max), percentile

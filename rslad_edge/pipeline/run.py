@@ -33,9 +33,7 @@ from rslad_edge.record import RECORD_FILE, Artifact, BenchEntry, GateVerdict, Ru
 
 logger = logging.getLogger(__name__)
 
-LEGACY_STATE_FILE = "pipeline.json"  # rslad-edge 0.x kept its stage keys here
-PIPELINE_OUTPUTS = ("export", "verify", "bench", "report.md", "report.html", "report_files", RECORD_FILE,
-                    LEGACY_STATE_FILE)
+PIPELINE_OUTPUTS = ("export", "verify", "bench", "report.md", "report.html", "report_files", RECORD_FILE)
 
 
 @dataclass
@@ -207,12 +205,9 @@ def _open_record(out: Path, *, resume: bool, force: bool) -> RunRecord:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out '{out}' is a file, not a directory")
     has_record = (out / RECORD_FILE).exists()
-    if (has_record or (out / LEGACY_STATE_FILE).exists()) and not (resume or force):
+    if has_record and not (resume or force):
         raise RunDirError(f"--out '{out}' already holds a pipeline run: pass --resume to continue it (finished stages "
                           "are skipped) or --force to start over (which deletes it)")
-    if resume and not force and not has_record and (out / LEGACY_STATE_FILE).exists():
-        raise RunDirError(f"{out / LEGACY_STATE_FILE} was written by an older rslad-edge that kept no run record: "
-                          "start the run over with --force")
     if force:
         _remove(out, PIPELINE_OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)

@@ -309,7 +309,7 @@ class VerifyReport:
             raise GateFailedError(f"robust accuracy of {self.artifact.info.path} {verdict['message']}")
 
     def to_json(self) -> dict[str, Any]:
-        """The issue's schema (accuracies as fractions), plus drops, warnings, config and versions."""
+        """The verify JSON schema (accuracies as fractions), plus drops, warnings, config and versions."""
         square = self.artifact.queries.get("square")
         artifact = self.artifact.to_json()
         return {
