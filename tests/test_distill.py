@@ -259,15 +259,6 @@ def test_resume_refuses_to_change_the_held_out_split_the_selection_or_the_loss_s
             resume_config(run_dir, **{flag: value})
 
 
-def test_resuming_a_run_from_before_the_held_out_split_keeps_its_test_selection_and_scale(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    old = {k: v for k, v in tiny(tmp_path, eval_n=32).to_dict().items() if k not in ("val_n", "select", "loss_scale")}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(old))
-    cfg = resume_config(run_dir)
-    assert (cfg.val_n, cfg.select, cfg.loss_scale) == (0, "test", "authors")  # what that run did
-
-
 class InterruptAt:
     """An observer that presses Ctrl-C after a given number of batches."""
 
