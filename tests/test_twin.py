@@ -159,3 +159,22 @@ def test_an_engine_twin_is_the_twin_of_the_onnx_it_was_built_from(tiny_exports, 
     engine.path = str(tmp_path / "elsewhere.engine")
     with pytest.raises(TwinUnavailableError, match="is not beside it"):
         engine.twin()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_twin_emulates_mobilenetv3s_hard_swish_and_squeeze_excite(tmp_path, images, precision):
+    """torchvision's MobileNetV3 exports HardSwish, and HardSigmoid in its squeeze-excite blocks."""
+    from rslad_edge.export import ExportConfig, export
+    from rslad_edge.models import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("torchvision:mobilenet_v3_small", 10, {"width_mult": 0.25}).eval()
+    checkpoint = save_checkpoint(tmp_path / "mnv3.pt", model, "torchvision:mobilenet_v3_small", num_classes=10,
+                                 input_size=(32, 32), arch_kwargs={"width_mult": 0.25}, meta={"dataset": "shapes"})
+    path = export(ExportConfig(checkpoint=checkpoint, precision=precision, out=tmp_path, calib_n=32, parity_n=32,
+                               min_agreement=0.0)).artifacts()[0].path
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ops & {"HardSwish", "HardSigmoid"}  # int8 preprocessing may rewrite HardSwish as x * HardSigmoid(x)
+    x, _ = images
+    agreement = twin_agreement(onnx_twin(path), _ort_logits(path, x), x)
+    assert agreement.max_abs_logit_diff <= TOLERANCE[precision], agreement

@@ -527,6 +527,10 @@ _OPS: dict[str, Callable[[_Node, list, dict], list[torch.Tensor]]] = {
     "Mul": _elementwise(torch.mul),
     "Div": _elementwise(torch.div),
     "Relu": _elementwise(F.relu),
+    "Sigmoid": _elementwise(torch.sigmoid),
+    "HardSigmoid": lambda plan, inputs, _: [
+        (float(plan.attrs.get("alpha", 0.2)) * inputs[0] + float(plan.attrs.get("beta", 0.5))).clamp(0.0, 1.0)],
+    "HardSwish": _elementwise(F.hardswish),  # MobileNetV3 and its squeeze-excite (with HardSigmoid)
     "Clip": _clip,
     "BatchNormalization": _batch_norm,
     "GlobalAveragePool": _elementwise(lambda x: x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)),
