@@ -241,7 +241,7 @@ def test_config_file_overrides_the_preset_key_by_key(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("verify:\n  n: 50\n")
     sections = load_pipeline_config("smoke", path)
-    assert sections["verify"]["n"] == 50 and sections["verify"]["square_queries"] == 300
+    assert sections["verify"]["n"] == 50 and sections["verify"]["square_queries"] == 100
 
 
 def test_unknown_section_or_preset_is_a_clear_error(tmp_path):

@@ -465,7 +465,7 @@ def test_n_beyond_the_test_set_is_clipped_and_said(runners):
 
 @pytest.mark.parametrize("correct, n", [(0, 10), (10, 10), (81, 263), (15, 148), (500, 1000), (1, 200)])
 def test_wilson_interval_matches_scipy_and_the_closed_form_at_the_edges(correct, n):
-    from rslad_edge.verify.report import wilson_ci95
+    from rslad_edge.stats import wilson_ci95
 
     low, high = wilson_ci95(correct, n)
     z2 = 1.959963984540054**2

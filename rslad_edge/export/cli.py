@@ -40,6 +40,7 @@ def export_command(
       rslad-edge export student.pt --format executorch --precision int8 --dataset imagefolder --data-root data
     """
     from rslad_edge.export.exporter import export
+    from rslad_edge.export.search import SearchFailedError
     from rslad_edge.export.trt_engine import TensorRTUnavailableError
 
     if "batch" in given and dynamic:
@@ -51,6 +52,9 @@ def export_command(
     with console.status(f"exporting {cfg.checkpoint} ({cfg.format}, {cfg.precision})"):
         try:
             result = export(cfg)
+        except SearchFailedError as exc:
+            console.print(search_table(exc.result))
+            raise
         except TensorRTUnavailableError as exc:
             console.print(f"[bold]ONNX written:[/] {exc.onnx_path}")
             for version, command in exc.commands.items():
@@ -67,6 +71,9 @@ def export_command(
                       f"{parity.torch_accuracy:.2%} / {parity.artifact_accuracy:.2%}",
                       f"{written.path.stat().st_size / 2**20:.1f}")
     console.print(table)
+    search = (result.onnx.metadata.get("quantization") or {}).get("search") if result.onnx else None
+    if search is not None:
+        console.print(search_table(search))
     sidecars = ", ".join(str(written.sidecar) for written in result.written)
     console.print(f"parity vs PyTorch on {result.parity.data}; metadata in {sidecars}", style="dim",
                   highlight=False, soft_wrap=True)
@@ -75,3 +82,21 @@ def export_command(
         outside = ", ".join(f"{op} x{count}" for op, count in delegation["outside_nodes"].items()) or "none"
         console.print(f"{delegation['backend']}: {delegation['delegated_nodes']} of {delegation['graph_nodes']} "
                       f"nodes delegated; outside it: {outside}", style="dim", highlight=False, soft_wrap=True)
+
+
+def search_table(search: Any) -> Table:
+    """The int8 search's trade-off table (a SearchResult, or its JSON from a sidecar)."""
+    from rslad_edge.export.search import SearchResult, table_rows
+
+    data = search.to_json() if isinstance(search, SearchResult) else search
+    splits = ", ".join(f"{n} {name.rsplit(' ', 1)[-1]}" for name, n in data["splits"].items())
+    table = Table(title=f"int8 search ({splits} training images): agreement % (95% low), robust % candidate / "
+                  "float (change ± 95%, pp)", show_header=True, title_justify="left")
+    for column in ("#", "recipe", "ms b=1", "ms b=64", "agreement", "robust", "verdict"):
+        table.add_column(column, justify="right" if column.startswith(("#", "ms")) else "left")
+    for row in table_rows(data):
+        table.add_row(*row)
+    fp32 = data.get("fp32_latency_ms") or {}
+    table.add_row("", "fp32 (no int8)", *(f"{fp32[b]:.2f}" if b in fp32 else "-" for b in ("1", "64")), "", "", "",
+                  style="dim")
+    return table

@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rslad_edge.errors import ConfigError
+from rslad_edge.attacks.eps import parse_eps
+from rslad_edge.errors import ConfigError, UsageError
 from rslad_edge.options import option
 
 FORMATS = ("onnx", "trt", "ort", "executorch")
@@ -116,7 +117,22 @@ class ExportConfig:
     min_agreement: float | None = option(
         None, default_text="by precision, as for --max-abs-diff",
         help="Parity: minimum top-1 agreement, a fraction (0.99).")
-    seed: int = option(0, help="Seed of the parity and calibration samples.")
+    seed: int = option(0, help="Seed of the parity, calibration and search samples.")
+    search: bool = option(
+        False, flags=("--search",),
+        help="int8: try quantization recipes, fastest first (every layer int8 with each calibration, then the most "
+        "sensitive layers in fp32), and ship the first that passes the gate on held-out training images: agreement's "
+        "lower 95% bound >= --min-agreement and robust drop <= --max-drop (PGD through the twin and transferred "
+        "from the float model). None passing: the best is kept as NAME.int8.failed-gate.onnx, exit 3.")
+    search_budget: int = option(12, metavar="N", help="--search: candidates to try at most.")
+    search_n: int = option(500, help="--search: training images that screen each candidate (a seeded split, "
+                                     "disjoint from calibration).")
+    confirm_n: int = option(1000, help="--search: training images that confirm a candidate (disjoint from the rest; "
+                                       "1,000 bound 97% agreement to within about 1 point).")
+    max_drop: float = option(1.0, metavar="PP", help="--search: robust accuracy a candidate may lose, in points.")
+    eps: float | str | None = option(
+        None, default_text="the checkpoint's training eps, else 8/255",
+        help="--search: L-inf budget of its PGD, in pixel units (8/255).")
     workspace_gib: float = option(2.0, flags=("--workspace",), help="TensorRT builder workspace, GiB.")
     dla_core: int | None = option(None, help="TensorRT: build for this DLA core (GPU fallback on).")
     # TensorRT optimization profile for a dynamic batch: min 1, opt, max
@@ -158,6 +174,7 @@ class ExportConfig:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.opt_batch > self.max_batch:
             raise ConfigError(f"--opt-batch {self.opt_batch} exceeds --max-batch {self.max_batch}")
+        self._check_search()
         if self.max_abs_diff is not None and self.max_abs_diff < 0:
             raise ConfigError(f"--max-abs-diff must be >= 0, got {self.max_abs_diff}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
@@ -178,6 +195,22 @@ class ExportConfig:
             self.name = self.checkpoint.stem
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"--name must be a plain file stem like 'student', got '{self.name}'")
+
+    def _check_search(self) -> None:
+        if self.search and self.precision != "int8":
+            raise UsageError(f"--search looks for an int8 recipe; --precision is {self.precision}: drop --search or "
+                             "use --precision int8")
+        if self.search and self.format == "executorch":
+            raise UsageError("--search covers the ONNX int8 formats (--format onnx, ort, trt); it does not search "
+                             ".pte recipes yet")
+        for flag, value in (("--search-budget", self.search_budget), ("--search-n", self.search_n),
+                            ("--confirm-n", self.confirm_n)):
+            if value < 1:
+                raise UsageError(f"{flag} must be at least 1 (one candidate, one image), got {value}")
+        if self.max_drop < 0:
+            raise UsageError(f"--max-drop is a bound in points and must be >= 0, got {self.max_drop:g}")
+        if self.eps is not None:
+            self.eps = parse_eps(self.eps)
 
     def _check_executorch(self) -> None:
         """ExecuTorch is installed (the mobile extra), and the options make sense for a .pte."""

@@ -52,6 +52,7 @@ from rslad_edge.export.onnx_export import (
 )
 from rslad_edge.export.parity import ParityReport, compare_logits
 from rslad_edge.export.precision import quantize_int8, to_fp16
+from rslad_edge.export.search import SearchFailedError
 from rslad_edge.export.trt_engine import TensorRTUnavailableError, build_engine, plan_build, trtexec_command
 from rslad_edge.io import sha256_file, write_json
 from rslad_edge.record import Artifact
@@ -148,6 +149,7 @@ class _Data:
     parity_images: np.ndarray
     parity_labels: np.ndarray
     calib_images: np.ndarray | None
+    search_splits: tuple[Any, Any] | None  # --search: (search, confirmation) held-out training images
     description: str
     dataset: str
     classes: list[str]
@@ -195,7 +197,11 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
     onnx_path = Path(cfg.out) / cfg.onnx_name
     with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
         workdir = Path(workdir_name)
-        proto, precision_info = _build_onnx(cfg, source.model, source.info, source.input_shape, data, workdir)
+        try:
+            proto, precision_info = _build_onnx(cfg, source.model, source.info, source.input_shape, data, workdir)
+        except SearchFailedError as exc:
+            _keep_failed_candidate(cfg, source, data, exc, onnx_path)
+            raise
         graph = graph_summary(proto)
         metadata = _metadata(cfg, source, data, artifact=onnx_path.name, precision_info=precision_info, details={
             "opset": graph["opset"], "graph": {"nodes": graph["nodes"], "op_types": graph["op_types"]},
@@ -209,6 +215,24 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
     write_json(sidecar_path(onnx_path), metadata)
     logger.info("wrote %s: %s", onnx_path, parity.summary())
     return ExportedFile(onnx_path, parity, metadata)
+
+
+def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path) -> None:
+    """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx, with
+    the search table in its sidecar); nothing under the final name (a stale one is removed)."""
+    kept = final.with_name(final.name.removesuffix(".onnx") + ".failed-gate.onnx")
+    best = exc.result.best
+    metadata = _metadata(cfg, source, data, artifact=kept.name, precision_info={
+        "recipe": best.recipe.to_json(), "search": exc.result.to_json()}, details={"gate": "failed"})
+    proto = drop_unused_opsets(onnx.load(best.path))
+    staged = kept.with_name(f".{kept.name}.tmp")
+    _save_onnx(proto, metadata, staged)
+    os.replace(staged, kept)
+    write_json(sidecar_path(kept), metadata)
+    for stale in (final, sidecar_path(final)):
+        stale.unlink(missing_ok=True)
+    exc.kept = kept
+    exc.args = (f"{exc.args[0]}. Kept it as {kept}; nothing written under {final.name}",)
 
 
 def _export_ort(cfg: ExportConfig, onnx_file: ExportedFile, reference: np.ndarray, data: _Data) -> ExportedFile:
@@ -295,19 +319,46 @@ def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
                                f"{info['num_classes']}: pass the dataset the model was trained on")
         return images
 
-    # Calibration first: for int8, a missing dataset is first of all missing calibration data.
-    calib = load("train", cfg.calib_n, "int8 calibration") if cfg.precision == "int8" else None
+    # Calibration first: for int8, a missing dataset is first of all missing calibration data. The search's splits
+    # follow the calibration images in the same seeded permutation: the calibration sample is the one an export
+    # without --search takes, and no image is in two of them.
+    calib, search_splits = None, None
+    if cfg.precision == "int8":
+        wanted = cfg.calib_n + (cfg.search_n + cfg.confirm_n if cfg.search else 0)
+        train = load("train", wanted, "int8 calibration")
+        images, labels = to_float(train.read()).numpy(), train.labels.numpy()
+        calib = images[: cfg.calib_n]
+        if cfg.search:
+            search_splits = _search_splits(cfg, images, labels, dataset)
     test = load("test", cfg.parity_n, "the parity check against PyTorch")
     return _Data(
         parity_images=to_float(test.read()).numpy(),
         parity_labels=test.labels.numpy(),
-        calib_images=None if calib is None else to_float(calib.read()).numpy(),
+        calib_images=calib,
+        search_splits=search_splits,
         description=f"{dataset} test, {len(test)} images, seed {cfg.seed}",
         dataset=dataset,
         classes=list(test.classes),
         input_size=test.input_size,
         preprocess=test.preprocess,
     )
+
+
+def _search_splits(cfg: ExportConfig, images: np.ndarray, labels: np.ndarray, dataset: str) -> tuple[Any, Any]:
+    """(search, confirmation) splits of the training images after the calibration ones."""
+    from rslad_edge.export.search import Split
+
+    confirm_start = cfg.calib_n + cfg.search_n
+    if len(images) < confirm_start + 1:
+        raise DatasetError(f"--search needs --calib-n + --search-n + --confirm-n = "
+                           f"{cfg.calib_n + cfg.search_n + cfg.confirm_n} training images of {dataset}; it has "
+                           f"{len(images)}: lower --search-n / --confirm-n")
+    if len(images) < confirm_start + cfg.confirm_n:
+        logger.warning("--confirm-n %d: %s has only %d training images after calibration and the search split; "
+                       "confirming on %d", cfg.confirm_n, dataset, len(images) - confirm_start,
+                       len(images) - confirm_start)
+    return (Split(f"{dataset} train, search", images[cfg.calib_n : confirm_start], labels[cfg.calib_n : confirm_start]),
+            Split(f"{dataset} train, confirmation", images[confirm_start:], labels[confirm_start:]))
 
 
 def _torch_logits(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig, images: np.ndarray) -> np.ndarray:
@@ -333,10 +384,38 @@ def _build_onnx(
     onnx.save(proto, fp32_path)
     quantized_path = workdir / "int8.onnx"
     assert data.calib_images is not None
+    recipe: dict[str, Any] = {"method": cfg.calib_method}
+    search = None
+    if cfg.search:
+        search = _search(cfg, model, info, fp32_path, data, workdir)
+        chosen = search.chosen.recipe
+        recipe = {"method": chosen.calib_method, "per_channel": chosen.per_channel,
+                  "reduce_range": chosen.reduce_range, "float_nodes": chosen.float_nodes}
     quant_info = quantize_int8(fp32_path, quantized_path, data.calib_images, target=cfg.target,
-                               method=cfg.calib_method, static_batch=cfg.batch, workdir=workdir)
+                               static_batch=cfg.batch, workdir=workdir, **recipe)
     quant_info["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
+    if search is not None:
+        quant_info["search"] = search.to_json()
     return drop_unused_opsets(onnx.load(quantized_path)), quant_info
+
+
+def _search(cfg: ExportConfig, model: torch.nn.Module, info: dict[str, Any], fp32_path: Path, data: _Data,
+            workdir: Path) -> Any:
+    """The int8 search (export/search.py); raises SearchFailedError, carrying the result, when nothing passed."""
+    from rslad_edge.export.search import SearchFailedError, SearchSettings, search_int8
+
+    assert data.search_splits is not None and data.calib_images is not None
+    eps = cfg.eps if cfg.eps is not None else float((info.get("meta") or {}).get("eps") or 8 / 255)
+    settings = SearchSettings(target=str(cfg.target), static_batch=cfg.batch, eps=eps,
+                              min_agreement=cfg.thresholds[1], max_drop=cfg.max_drop, budget=cfg.search_budget,
+                              seed=cfg.seed)
+    result = search_int8(fp32_path, model.eval(), data.calib_images, *data.search_splits, settings, workdir)
+    if result.chosen is None:
+        best = result.best
+        raise SearchFailedError(
+            f"no int8 recipe passed the gate in {len(result.candidates)} candidate(s) (--search-budget "
+            f"{cfg.search_budget}); the closest, {best.recipe.label}: {best.verdict}", result, best.path)
+    return result
 
 
 def _metadata(

@@ -85,10 +85,20 @@ def quantize_int8(
     method: str,
     static_batch: int | None,
     workdir: Path,
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    float_nodes: tuple[str, ...] = (),
+    keep_activations: bool = False,
 ) -> dict[str, Any]:
-    """Quantize ``fp32_path`` into ``out_path`` (QDQ, per-channel int8 weights); returns what was done, for metadata.
+    """Quantize ``fp32_path`` into ``out_path`` (QDQ, int8 weights); returns what was done, for metadata.
 
     ``calib_images``: float32 (N, C, H, W) in [0, 1], training images (never the test images parity uses).
+    ``per_channel``: one weight scale per output channel (the default) or one per tensor. ``reduce_range``: 7-bit
+    weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels can saturate on full-range weights.
+    ``float_nodes``: nodes that run in float32 (:func:`keep_float`), by name, as :func:`quantizable_nodes` gives them.
+    The prepared (pre-processed float) model is left in ``workdir`` as ``prepared.onnx``. ``keep_activations``
+    (implied by ``float_nodes``): ReLU / Clip stay nodes of the graph instead of being folded into the range of the
+    quantized tensor before them (the same numbers while that tensor is quantized; a float layer needs them).
 
     The classifier (the node that outputs the logits) stays float: it is ~0.01% of the compute, and quantizing
     its output to 8 bits alone moved the shared ResNet-18 teacher's logits by up to 1.4 (256 CIFAR-10 test images,
@@ -110,7 +120,8 @@ def quantize_int8(
     # The input contract fixes the input's range: [0, 1] exactly, so uint8 holds 8-bit pixels without loss.
     input_range = {INPUT_NAME: [{"rmin": np.array(0.0, dtype=np.float32), "rmax": np.array(1.0, dtype=np.float32)}]}
     extra_options: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True,
-                                     "TensorQuantOverrides": input_range}
+                                     "TensorQuantOverrides": input_range,
+                                     "QDQKeepRemovableActivations": keep_activations or bool(float_nodes)}
 
     # Pre-processing (ONNX Runtime's recommendation): symbolic shape inference and graph optimisation (fold
     # constants, fuse what the quantizer would otherwise quantize twice), so Q/DQ land where kernels fuse them.
@@ -137,10 +148,12 @@ def quantize_int8(
                 calibration = reader(calib_images[: static_batch or CALIB_BATCH])
             quantize_static(
                 str(prepared), str(out_path), calibration,
-                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=activation_type,
-                weight_type=QuantType.QInt8, calibrate_method=calibrate_method, extra_options=extra_options,
-                nodes_to_exclude=[classifier.name],
+                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                activation_type=activation_type, weight_type=QuantType.QInt8, calibrate_method=calibrate_method,
+                extra_options=extra_options, nodes_to_exclude=[classifier.name],
             )
+        if float_nodes:
+            onnx.save(keep_float(onnx.load(out_path), onnx.load(prepared), float_nodes), out_path)
     except ExportError:
         raise
     except Exception as exc:  # the quantizer raises bare ValueError / RuntimeError / ORT Fail
@@ -153,11 +166,119 @@ def quantize_int8(
         "format": "QDQ",
         "target": target,
         "activations": "int8 symmetric (zero point 0)" if symmetric else "uint8 asymmetric",
-        "weights": "int8 symmetric, per channel",
+        "weights": f"int{7 if reduce_range else 8} symmetric, per {'channel' if per_channel else 'tensor'}",
         "calib_method": method,
         "calib_n": calibration.count if method != "entropy" else int(len(calib_images)),
-        "float_nodes": [f"{classifier.op_type} {classifier.name} (the classifier: float logits)"],
+        "float_nodes": [f"{classifier.op_type} {classifier.name} (the classifier: float logits)",
+                        *(f"{name} (fp32: chosen by the int8 search)" for name in float_nodes)],
     }
+
+
+# Nodes whose weights the quantizer stores as integers: the layers a search may send back to float32.
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """The quantized layers of a Q/DQ model (a weighted op fed by a DequantizeLinear of an integer initializer), in
+    graph order: what :func:`keep_float` can send back to float32."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    dequantized = {node.output[0] for node in model.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in initializers}
+    return [node.name for node in model.graph.node
+            if node.op_type in WEIGHTED_OPS and any(name in dequantized for name in node.input)]
+
+
+def keep_float(quantized: onnx.ModelProto, prepared: onnx.ModelProto, names: tuple[str, ...] | list[str],
+               ) -> onnx.ModelProto:
+    """A copy of the Q/DQ model ``quantized`` in which the layers ``names`` compute in float32.
+
+    A layer is a weighted node and the single-input ops that feed it back to the previous weighted node (ReLU,
+    Clip, MaxPool, Reshape, ...: each re-quantizes its output, so a float convolution behind a quantized MaxPool
+    would still read rounded values). In each of these nodes an input that came through QuantizeLinear ->
+    DequantizeLinear reads the float tensor before that pair instead (other consumers of the tensor keep their
+    quantized copy), and an integer weight or bias is replaced by its float32 original from ``prepared``, the model
+    the quantizer was given (same node names). The layer's output is untouched: a quantized consumer still
+    quantizes it. Unused Q/DQ nodes and integer initializers are removed. ONNX Runtime then runs those nodes with
+    its float kernels, and the twin (runtime/twin.py) emulates exactly that graph.
+
+    ``quantize_static(nodes_to_exclude=...)`` does not do this: it leaves an excluded node's input activations
+    quantized whenever their producer is quantized, so the rounding this is meant to remove stays.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(quantized)
+    graph = model.graph
+    producers = {output: node for node in graph.node for output in node.output}
+    by_name = {node.name: node for node in graph.node}
+    missing = sorted(set(names) - set(by_name))
+    if missing:
+        raise ExportError(f"no node named {', '.join(missing)} in the quantized model")
+    initializers = {tensor.name for tensor in graph.initializer}
+    originals = {node.name: node for node in prepared.graph.node}
+    prepared_initializers = {tensor.name: tensor for tensor in prepared.graph.initializer}
+
+    def unquantized(name: str) -> str | None:
+        """The float tensor behind a QuantizeLinear -> DequantizeLinear pair, or None."""
+        dequantize = producers.get(name)
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            return None
+        source = producers.get(dequantize.input[0])
+        return source.input[0] if source is not None and source.op_type == "QuantizeLinear" else None
+
+    def layer(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        nodes, frontier = [node], [node]
+        while frontier:
+            for name in frontier.pop().input:
+                upstream = producers.get(unquantized(name) or "")
+                if (upstream is not None and upstream.op_type not in (*WEIGHTED_OPS, "QuantizeLinear",
+                                                                       "DequantizeLinear")
+                        and len(upstream.input) == 1 and upstream not in nodes):
+                    nodes.append(upstream)
+                    frontier.append(upstream)
+        return nodes
+
+    for node in [member for name in names for member in layer(by_name[name])]:
+        original = originals.get(node.name)
+        for i, name in enumerate(node.input):
+            source = unquantized(name)
+            if source is not None:  # an activation: the float tensor before its rounding
+                node.input[i] = source
+                continue
+            dequantize = producers.get(name)
+            if dequantize is None or dequantize.op_type != "DequantizeLinear":
+                continue
+            if dequantize.input[0] not in initializers:
+                continue
+            # An integer weight or bias: its float original, from the same node before quantization.
+            float_name = original.input[i] if original is not None and len(original.input) == len(node.input) else ""
+            if float_name not in prepared_initializers:
+                raise ExportError(f"cannot keep {node.name} in float32: the model before quantization has no float "
+                                  f"constant for its input {i}")
+            restored = f"{float_name}_fp32"  # the quantizer may name its DequantizeLinear output float_name
+            if restored not in initializers:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(prepared_initializers[float_name])
+                tensor.name = restored
+                graph.initializer.append(tensor)
+                initializers.add(restored)
+            node.input[i] = restored
+    _remove_unused(graph)
+    return model
+
+
+def _remove_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads (repeatedly: a Q feeding only a dropped DQ goes too), then the
+    initializers nothing reads."""
+    outputs = {value.name for value in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        unused = [node for node in graph.node if not any(output in read for output in node.output)]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
+        graph.initializer.remove(tensor)
 
 
 def _entropy_ranges(model_path: Path, reader: Any, symmetric: bool, workdir: Path) -> dict[str, list[dict]]:

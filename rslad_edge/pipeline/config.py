@@ -47,12 +47,12 @@ verify:                   # keys: the options of `rslad-edge verify` (checkpoint
   attacks: [fgsm, pgd_sat, pgd_trades, cw, transfer_pgd, transfer_cw, divergence, square]
   n: 200                  # seeded test images
   eps: 8/255
-  square-queries: 300     # the paper uses 5000; small here so the demo stays within minutes
+  square-queries: 100     # the paper uses 5000; small here so the demo stays within minutes
   max-drop: 10            # gate: fail when an export's worst case (or any attack) is > 10 points below student.pt's
 bench:                    # keys: the options of `rslad-edge bench`
   device: cpu
   batch: [1, 64]
-  seconds: 2              # timed seconds per batch size, after warm-up
+  seconds: 1              # timed seconds per batch size, after warm-up
   threads: 2
 """,
     "cifar10-rslad": """\

@@ -33,7 +33,6 @@ case, against the artifact's over everything it faced).
 
 from __future__ import annotations
 
-import math
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -43,6 +42,7 @@ import torch
 
 from rslad_edge.errors import ConfigError, GateFailedError
 from rslad_edge.runtime.twin import TwinAgreement
+from rslad_edge.stats import paired_drop_ci95_pp, wilson_ci95
 from rslad_edge.verify.targets import ArtifactInfo
 
 CLEAN_ROW, WORST_CASE_ROW = "clean", "worst_case"
@@ -271,8 +271,7 @@ class VerifyReport:
         if not self._compared(row) or self.n < 2:
             return None
         assert self.reference is not None
-        difference = self.reference.flags(row).float() - self.artifact.flags(row).float()  # (N,) in {-1, 0, 1}
-        return 100 * 1.96 * float(difference.std(unbiased=True)) / math.sqrt(self.n)
+        return paired_drop_ci95_pp(self.reference.flags(row), self.artifact.flags(row))
 
     def gate_failures(self, max_drop_pp: float) -> list[str]:
         """The attacks (and the worst case) whose robust accuracy dropped by more than ``max_drop_pp`` points.
@@ -352,18 +351,6 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[package.replace("-", "_")] = None
     return found
-
-
-def wilson_ci95(correct: int, n: int) -> tuple[float, float]:
-    """95 % Wilson score interval of a proportion ``correct / n`` (fractions): unlike the normal approximation it
-    stays inside [0, 1] and is honest at 0 or n successes, which robust accuracies on a few hundred images reach."""
-    if n <= 0:
-        return (0.0, 1.0)
-    z = 1.959963984540054
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _mean(flags: torch.Tensor) -> float:
