@@ -19,6 +19,7 @@ Both keep the float32 [0, 1] input contract, so a caller (an attack, a benchmark
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import onnx
 
 from rslad_edge.errors import ExportError
 from rslad_edge.export.onnx_export import INPUT_NAME, sort_topologically
+from rslad_edge.io import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ CALIB_BATCH = 64  # images per calibration run for a dynamic-batch model
 # option (it suits other models); the parity check rejects it where it hurts.
 ENTROPY_BINS = 2048
 ENTROPY_QUANTIZED_BINS = 256
+# Entropy ranges of the last (prepared model, calibration images, symmetry): the int8 search quantizes one model
+# several times with them, and ONNX Runtime computes them in Python (seconds per tensor on large histograms).
+_ENTROPY_RANGES: dict[tuple[str, str, bool], dict[str, list[dict]]] = {}
 # ONNX Runtime's calibrators hold every activation of every calibration image until the end (ResNet-18 at 32x32:
 # about 5 MB per image). Its option to merge ranges every k batches (CalibMaxIntermediateOutputs) is not used: in
 # onnxruntime 1.32 it discards the batches instead of merging them, and then fails or calibrates on a remainder.
@@ -143,7 +148,11 @@ def quantize_int8(
                 # model came out byte-identical to minmax). So ranges come from ORT's entropy calibrator with
                 # TensorRT's settings and are handed to quantize_static as overrides; its own calibration pass
                 # then needs only one batch.
-                overrides = _entropy_ranges(prepared, calibration, symmetric, workdir)
+                key = (sha256_file(prepared), hashlib.sha256(calib_images.tobytes()).hexdigest(), symmetric)
+                if key not in _ENTROPY_RANGES:
+                    _ENTROPY_RANGES.clear()  # one model at a time: the search quantizes the same one repeatedly
+                    _ENTROPY_RANGES[key] = _entropy_ranges(prepared, calibration, symmetric, workdir)
+                overrides = _ENTROPY_RANGES[key]
                 extra_options["TensorQuantOverrides"] = {**overrides, **input_range}
                 calibration = reader(calib_images[: static_batch or CALIB_BATCH])
             quantize_static(

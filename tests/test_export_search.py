@@ -1,0 +1,149 @@
+"""export --precision int8 --search: a model whose default int8 fails on purpose is rescued; a passing one costs one
+candidate; a gate nothing meets keeps the best under a failed-gate name (exit 3); bad flags are one line (exit 2).
+
+The failing model is function-preserving: one BatchNorm channel of a ridge-fitted smallcnn scaled up 100x and the
+next convolution's weights for that channel scaled down 100x. The float model computes the same function, but the
+per-tensor activation range of that layer grows 100x, so int8 rounds every other channel of it to a few levels.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from fitted_models import ridge_fitted_smallcnn
+from typer.testing import CliRunner
+
+from rslad_edge.cli import app
+from rslad_edge.data import load_sample, to_float
+from rslad_edge.export import ExportConfig, export
+from rslad_edge.export.precision import keep_float, quantizable_nodes, quantize_int8
+from rslad_edge.export.search import fallback_counts, first_recipes
+from rslad_edge.models import save_checkpoint
+from rslad_edge.runtime import OnnxRunner
+from rslad_edge.runtime.twin import OnnxTwin
+
+runner = CliRunner()
+# Small splits keep the test quick; the ridge-fitted model's own int8 agrees on ~95% of images, so the bar is 90%.
+SEARCH = dict(precision="int8", search=True, calib_n=128, search_n=200, confirm_n=300, parity_n=1000,
+              min_agreement=0.9)
+
+
+def outlier_model(scale: float = 100.0) -> torch.nn.Module:
+    model = ridge_fitted_smallcnn()
+    batch_norm, next_conv = model.features[4], model.features[7]  # BN of block 2; the conv after its MaxPool
+    with torch.no_grad():
+        batch_norm.weight[0] *= scale
+        batch_norm.bias[0] *= scale
+        next_conv.weight[:, 0] /= scale
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    meta = {"dataset": "shapes", "eps": 8 / 255}
+    plain = save_checkpoint(folder / "plain" / "student.pt", ridge_fitted_smallcnn(), "smallcnn", num_classes=10,
+                            input_size=(32, 32), meta=meta)
+    outlier = save_checkpoint(folder / "outlier" / "student.pt", outlier_model(), "smallcnn", num_classes=10,
+                              input_size=(32, 32), meta=meta)
+    return {"plain": plain, "outlier": outlier, "folder": folder}
+
+
+def test_the_outlier_model_is_the_same_function():
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(outlier_model().eval()(x), ridge_fitted_smallcnn().eval()(x), atol=1e-4)
+
+
+def test_keep_float_removes_the_rounding_of_that_layer_and_the_twin_follows(checkpoints, tmp_path):
+    fp32 = export(ExportConfig(checkpoint=checkpoints["outlier"], out=tmp_path / "fp32")).onnx_path
+    calib = to_float(load_sample("shapes", None, "train", 128, 0).read()).numpy()
+    x = to_float(load_sample("shapes", None, "test", 256, 0).read()).numpy()
+    quantize_int8(fp32, tmp_path / "q.onnx", calib, target="cpu", method="minmax", static_batch=None,
+                  workdir=tmp_path, keep_activations=True)
+    quantized, prepared = onnx.load(tmp_path / "q.onnx"), onnx.load(tmp_path / "prepared.onnx")
+    layers = quantizable_nodes(quantized)
+    assert len(layers) == 4  # the four convolutions; the classifier is float already
+
+    reference = OnnxRunner(fp32).predict(x).argmax(1)
+    agreement = {}
+    for layer in [None, *layers]:
+        model = quantized if layer is None else keep_float(quantized, prepared, [layer])
+        onnx.checker.check_model(model, full_check=True)
+        onnx.save(model, tmp_path / "k.onnx")
+        logits = OnnxRunner(tmp_path / "k.onnx").predict(x)
+        agreement[layer] = float((logits.argmax(1) == reference).mean())
+        with torch.no_grad():
+            twin = OnnxTwin(model).eval()(torch.from_numpy(x)).numpy()
+        assert (twin.argmax(1) == logits.argmax(1)).mean() >= 0.99  # the twin emulates the rewritten graph
+    assert agreement[None] < 0.5  # the default int8 fails: every layer rounded
+    # Only the convolution after the outlier channel repairs it (that layer's input path back to the previous conv).
+    assert agreement[layers[2]] > agreement[None] + 0.4
+    assert max(agreement[layer] for layer in (layers[0], layers[1], layers[3])) < agreement[None] + 0.1
+    everything = keep_float(quantized, prepared, layers)
+    assert not any(node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized")
+                   for node in everything.graph.node)  # no integer weight left
+
+
+@pytest.mark.slow  # 40 s: seven candidates, then PGD through the twin on both splits
+def test_search_rescues_the_outlier_model(checkpoints, tmp_path):
+    result = export(ExportConfig(checkpoint=checkpoints["outlier"], out=tmp_path, **SEARCH))
+    search = result.metadata["quantization"]["search"]
+    chosen = search["candidates"][search["chosen"]]
+    assert chosen["passed"] and chosen["recipe"]["float_nodes"], "rescued by a float layer, not a calibration"
+    assert len(search["candidates"]) > len(first_recipes("cpu"))  # every all-int8 recipe was tried and failed first
+    assert all(not c["passed"] for c in search["candidates"][: len(first_recipes("cpu"))])
+    confirmation = chosen["confirmation"]
+    assert confirmation["n"] == 300 and confirmation["agreement_ci95"][0] >= 0.9
+    assert confirmation["drop_pp"] <= 1.0 + 1e-9
+    assert search["sensitivity"][0][0] == "node_Conv_72"  # the conv that reads the outlier channel ranks first
+    assert result.parity.agreement >= 0.9 and result.parity.passed  # and the usual parity check on test images
+    assert result.metadata["quantization"]["float_nodes"][1:] == [
+        f"{name} (fp32: chosen by the int8 search)" for name in chosen["recipe"]["float_nodes"]]
+    assert json.loads((tmp_path / "student.int8.onnx.json").read_text())["quantization"]["search"] == search
+
+
+@pytest.mark.slow  # 30 s: PGD through the twin on both splits
+def test_a_model_that_passes_costs_one_candidate(checkpoints, tmp_path):
+    result = export(ExportConfig(checkpoint=checkpoints["plain"], out=tmp_path, **{**SEARCH, "min_agreement": 0.8}))
+    search = result.metadata["quantization"]["search"]
+    assert len(search["candidates"]) == 1 and search["chosen"] == 0
+    assert search["candidates"][0]["label"] == "minmax"
+    assert search["candidates"][0]["confirmation"]["robust"] is not None  # judged on robustness too
+
+
+def test_a_gate_nothing_meets_keeps_the_best_under_a_failed_gate_name(checkpoints, tmp_path):
+    (tmp_path / "student.int8.onnx").write_text("stale")
+    args = ["export", str(checkpoints["outlier"]), "--out", str(tmp_path), "--precision", "int8", "--search",
+            "--search-budget", "2", "--calib-n", "128", "--search-n", "100", "--confirm-n", "100",
+            "--min-agreement", "0.9"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "no int8 recipe passed the gate in 2 candidate(s)" in result.output
+    assert not (tmp_path / "student.int8.onnx").exists()  # the stale file went too
+    kept = tmp_path / "student.int8.failed-gate.onnx"
+    metadata = json.loads((tmp_path / "student.int8.failed-gate.onnx.json").read_text())
+    assert metadata["gate"] == "failed" and len(metadata["quantization"]["search"]["candidates"]) == 2
+    assert OnnxRunner(kept).predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    assert "search" in result.output and "agreement" in result.output  # the table was printed
+
+
+@pytest.mark.parametrize("args, message, code", [
+    (["--search"], "--search looks for an int8 recipe; --precision is fp32", 2),
+    (["--search", "--precision", "fp16"], "--precision is fp16", 2),
+    (["--search", "--precision", "int8", "--search-budget", "0"], "--search-budget must be at least 1", 2),
+    (["--search", "--precision", "int8", "--eps", "8"], "write --eps 8/255", 1),
+])
+def test_bad_search_flags_are_one_line(checkpoints, args, message, code):
+    result = runner.invoke(app, ["export", str(checkpoints["plain"]), *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_fallback_counts_double_then_take_all():
+    assert list(fallback_counts(0)) == []
+    assert list(fallback_counts(1)) == [1]
+    assert list(fallback_counts(5)) == [1, 2, 4, 5]
+    assert list(fallback_counts(8)) == [1, 2, 4, 8]
