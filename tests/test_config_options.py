@@ -114,3 +114,11 @@ def test_bench_config_offers_timing_configs_options_and_round_trips_its_keyword_
         BenchConfig(batch=[0])
     with pytest.raises(TypeError, match="not both"):
         bench_artifacts(["student.onnx"], cfg, batches=(1,))
+
+
+def test_pipeline_search_applies_to_the_int8_exports_only(tmp_path):
+    sections = load_pipeline_config("smoke", overrides={"export": {"search": True, "search-budget": 3}})
+    cfg = check_pipeline_config(sections, tmp_path)
+    assert [(e.precision, e.search, e.search_budget) for e in cfg.exports] == [("fp32", False, 3), ("int8", True, 3)]
+    assert load_pipeline_config("cifar10-rslad")["export"]["search"] is True
+    assert "search" not in load_pipeline_config("smoke")["export"]  # off in the smoke demo: minutes on a CPU

@@ -4,6 +4,7 @@ against PyTorch before it is written under its final name."""
 from rslad_edge.export.config import PARITY_DEFAULTS, ExportConfig
 from rslad_edge.export.exporter import ENGINE_PARITY_DEFAULTS, ExportResult, export
 from rslad_edge.export.parity import ParityReport, compare_logits
+from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchFailedError, table_rows
 from rslad_edge.export.trt_engine import (
     BuildPlan,
     TensorRTUnavailableError,
@@ -15,14 +16,17 @@ from rslad_edge.export.trt_engine import (
 __all__ = [
     "ENGINE_PARITY_DEFAULTS",
     "PARITY_DEFAULTS",
+    "SEARCH_TABLE_HEADER",
     "BuildPlan",
     "ExportConfig",
     "ExportResult",
     "ParityReport",
+    "SearchFailedError",
     "TensorRTUnavailableError",
     "build_engine",
     "compare_logits",
     "export",
     "plan_build",
+    "table_rows",
     "trtexec_command",
 ]

@@ -86,17 +86,14 @@ def export_command(
 
 def search_table(search: Any) -> Table:
     """The int8 search's trade-off table (a SearchResult, or its JSON from a sidecar)."""
-    from rslad_edge.export.search import SearchResult, table_rows
+    from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchResult, table_rows
 
     data = search.to_json() if isinstance(search, SearchResult) else search
     splits = ", ".join(f"{n} {name.rsplit(' ', 1)[-1]}" for name, n in data["splits"].items())
-    table = Table(title=f"int8 search ({splits} training images): agreement % (95% low), robust % candidate / "
-                  "float (change ± 95%, pp)", show_header=True, title_justify="left")
-    for column in ("#", "recipe", "ms b=1", "ms b=64", "agreement", "robust", "verdict"):
+    table = Table(title=f"int8 search on training images ({splits}); robust change ± 95% in points",
+                  show_header=True, title_justify="left")
+    for column in SEARCH_TABLE_HEADER:
         table.add_column(column, justify="right" if column.startswith(("#", "ms")) else "left")
     for row in table_rows(data):
         table.add_row(*row)
-    fp32 = data.get("fp32_latency_ms") or {}
-    table.add_row("", "fp32 (no int8)", *(f"{fp32[b]:.2f}" if b in fp32 else "-" for b in ("1", "64")), "", "", "",
-                  style="dim")
     return table

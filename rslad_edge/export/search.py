@@ -161,6 +161,10 @@ class SearchResult:
                 "sensitivity": [[name, round(value, 6)] for name, value in self.sensitivity]}
 
 
+SEARCH_TABLE_HEADER = ["#", "recipe", "ms b=1", "ms b=64", "agreement % (95% low)", "robust % / float (change)",
+                       "verdict"]
+
+
 def table_rows(search: dict[str, Any]) -> list[list[str]]:
     """Rows of the trade-off table from a search's JSON (``SearchResult.to_json``, a sidecar's ``search``): #,
     recipe, p50 ms at batch 1 and 64, agreement (on the furthest split it reached), robust accuracy, verdict."""
@@ -178,6 +182,9 @@ def table_rows(search: dict[str, Any]) -> list[list[str]]:
                    for b in LATENCY_BATCHES]
         verdict = "shipped" if index == search["chosen"] else candidate["verdict"]
         rows.append([str(index + 1), candidate["label"], *latency, agreement, robust, verdict])
+    fp32 = search.get("fp32_latency_ms") or {}
+    rows.append(["", "fp32 (no int8)", *(f"{fp32[str(b)]:.2f}" if str(b) in fp32 else "-" for b in LATENCY_BATCHES),
+                 "", "", ""])
     return rows
 
 

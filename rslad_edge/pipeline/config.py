@@ -40,6 +40,7 @@ export:                   # keys: the options of `rslad-edge export`, plus `form
   target: cpu             # int8 activation format: cpu = uint8 (ONNX Runtime's fast path), trt = symmetric int8
   calib-n: 512            # training images for int8 calibration
   parity-n: 256           # test images for the parity check against PyTorch
+  # search: true          # int8: try other recipes when the default loses parity or robustness (off: minutes)
 verify:                   # keys: the options of `rslad-edge verify` (checkpoint- / export-attacks: separate lists)
   # Every artifact faces the same columns: white-box (an export through its differentiable twin, judged by the
   # export itself) and Square; the exports also transfer (crafted on student.pt) and divergence (float vs export).
@@ -69,6 +70,8 @@ export:
   precisions: [fp32, int8]
   target: cpu
   calib-n: 512
+  search: true            # int8: the default recipe first; when it loses parity or robustness, other calibrations,
+                          # then the most sensitive layers in fp32 (export --search; its table lands in the report)
 verify:
   # the paper's white-box columns on every artifact (exports through their twin), then transfer, divergence, Square
   attacks: [fgsm, pgd_sat, pgd_trades, cw, autoattack, transfer_pgd, transfer_cw, divergence, square]
@@ -95,6 +98,8 @@ export:
   precisions: [fp32, int8]
   target: cpu
   calib-n: 512
+  search: true            # int8: the default recipe first; when it loses parity or robustness, other calibrations,
+                          # then the most sensitive layers in fp32 (export --search; its table lands in the report)
 verify:
   # the paper's white-box columns on every artifact (exports through their twin), then transfer, divergence, Square
   attacks: [fgsm, pgd_sat, pgd_trades, cw, autoattack, transfer_pgd, transfer_cw, divergence, square]
@@ -237,8 +242,10 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
                                       f"{', '.join(FORMAT_PRECISIONS[export_format])}; none is in 'precisions'")
         if export_format == "onnx" and engines:
             export_format = "trt"  # the ONNX, then an engine built on this GPU
+        # search: the int8 ONNX exports' (a .pte is not searched yet); fp32 / fp16 export as they are.
         exports += [_in_section("export", lambda p=precision, f=export_format: ExportConfig(
-            checkpoint=student, precision=p, out=out / "export", format=f, **export))
+            checkpoint=student, precision=p, out=out / "export", format=f,
+            **{**export, "search": export.get("search", False) and p == "int8" and f != "executorch"}))
             for precision in format_precisions]
 
     verify = {**factory, **_read(sections, "verify")}

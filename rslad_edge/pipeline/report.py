@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rslad_edge.export import SEARCH_TABLE_HEADER, table_rows
 from rslad_edge.io import atomic_write
 from rslad_edge.record import RunRecord, VerifyEntry
 
@@ -178,6 +179,17 @@ def _html_table(header: list[str], rows: list[list[str]], css_class: str) -> str
     return f'<div class="scroll">{table}</div>'
 
 
+def _searches(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(artifact name, header, rows) of every int8 search behind an artifact: every candidate tried, and which one
+    shipped."""
+    found = []
+    for artifact, _ in data["artifacts"]:
+        search = ((artifact.metadata or {}).get("quantization") or {}).get("search")
+        if search:
+            found.append((artifact.name, SEARCH_TABLE_HEADER, table_rows(search)))
+    return found
+
+
 def _gate_lines(data: dict[str, Any]) -> list[str]:
     lines = [f"{'PASS' if entry.gate.passed else 'FAIL'}: {artifact.name}: {entry.gate.message}"
              for artifact, entry in data["artifacts"] if entry is not None and entry.gate is not None]
@@ -235,6 +247,10 @@ def write_report(record: RunRecord, sections: dict[str, Any]) -> tuple[Path, Pat
           "export's own runtime. fooled, .pt not: the divergence attack's success, of the images both got right.", "",
           _md_table(summary_header, summary_rows), "", "## Gates", ""]
     md += [f"- {line}" for line in gates]
+    searches = _searches(data)
+    for name, header, rows in searches:
+        md += ["", f"## int8 search: {name}", "", "Candidates in the order tried, on held-out training images; the "
+               "first to pass the gate shipped.", "", _md_table(header, rows)]
     if warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     md += ["", "## Training", "", f"Last epoch: clean {_pct(final.get('clean_acc'))}%, PGD "
@@ -268,6 +284,9 @@ often it predicts what the export predicts), judged by the export's own runtime.
 attack's success, of the images both got right.</p>
 {_html_table(summary_header, summary_rows, "artifacts")}
 <h2>Gates</h2><ul>{gate_html}</ul>
+{"".join(f"<h2>int8 search: {html.escape(name)}</h2><p class='muted'>Candidates in the order tried, on held-out "
+         f"training images; the first to pass the gate shipped.</p>{_html_table(header, rows, 'search')}"
+         for name, header, rows in searches)}
 {f"<h2>Warnings</h2><ul>{warn_html}</ul>" if warnings else ""}
 <h2>Training</h2>
 <p>Last epoch: clean {_pct(final.get('clean_acc'))}%, PGD {_pct(final.get('robust_acc'))}%.</p>
