@@ -6,6 +6,7 @@ A record is built in memory (no pipeline run): the report only reads it, so thes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -122,3 +123,24 @@ def test_the_bench_figure_spreads_the_labels_of_artifacts_that_tie(tmp_path, mon
                            tmp_path / "bench.png")
     assert png.read_bytes().startswith(b"\x89PNG")
     assert len(spread) == 2 and spread[0].xy == spread[1].xy and spread[0].xyann != spread[1].xyann
+
+
+def test_an_int8_search_behind_an_export_is_shown_with_every_candidate_and_the_one_shipped(tmp_path):
+    record = nine_attack_run(tmp_path)
+    judged = {"n": 1000, "agreement": 0.985, "agreement_ci95": [0.976, 0.991], "accuracy": 0.4, "robust": 0.17,
+              "float_robust": 0.172, "drop_pp": 0.2, "drop_ci95_pp": 0.6, "twin_agreement": 1.0}
+    failed = {"recipe": {}, "label": "minmax", "latency_ms": {"1": 0.36, "64": 16.6}, "confirmation": None,
+              "search": {**judged, "n": 500, "agreement": 0.93, "robust": None}, "verdict": "agreement < 97% (search)",
+              "passed": False}
+    shipped = {**failed, "label": "minmax +2 fp32", "latency_ms": {"1": 0.41, "64": 19.0}, "confirmation": judged,
+               "verdict": "passed", "passed": True}
+    search = {"splits": {"cifar10 train, search": 500, "cifar10 train, confirmation": 1000},
+              "candidates": [failed, shipped], "chosen": 1, "fp32_latency_ms": {"1": 0.53, "64": 43.6}}
+    record.exports[1] = dataclasses.replace(record.exports[1], metadata={"quantization": {"search": search}})
+    md_path, html_path = write_report(record, {})
+    md = md_path.read_text()
+    section = md[md.index("## int8 search: student.int8.onnx"):]
+    assert "| 1 | minmax | 0.36 | 16.60 | 93.0" in section and "agreement < 97% (search)" in section
+    assert "| 2 | minmax +2 fp32 | 0.41 | 19.00 | 98.5 (≥97.6) | 17.0 / 17.2 (-0.2±0.6) | shipped |" in section
+    assert "| fp32 (no int8) | 0.53 | 43.60 |" in section
+    assert html_path.read_text().count("int8 search: student.int8.onnx") == 1
