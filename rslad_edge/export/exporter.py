@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from rslad_edge.io import sha256_file, write_json
 from rslad_edge.record import Artifact
 from rslad_edge.runtime import ENGINE_SUFFIXES
 from rslad_edge.runtime.metadata import encode_props, sidecar_path
+from rslad_edge.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,8 @@ METADATA_FORMAT = "rslad-edge/artifact/1"
 # A TensorRT engine is compared with PyTorch like the ONNX, except that fp32 GPU kernels sum in other orders than
 # the CPU: 1e-3 instead of 1e-4 (TF32 is switched off, so a larger difference is a real fault).
 ENGINE_PARITY_DEFAULTS = {**PARITY_DEFAULTS, "fp32": (1e-3, 1.0)}
+# What shapes every artifact, recorded in its metadata; a format adds its own (ExecuTorch, TensorRT).
+EXPORT_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim")
 
 
 @dataclass
@@ -453,20 +454,10 @@ def _metadata(
         "source_sha256": source.sha256,
         "source_format": info.get("format"),
         **details,
-        "versions": _versions(*versions),
+        "versions": package_versions((*EXPORT_PACKAGES, *versions)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return {key: value for key, value in metadata.items() if value is not None}  # the same keys in props and JSON
-
-
-def _versions(*extra: str) -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"rslad_edge": __version__, "python": platform.python_version()}
-    for package in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", *extra):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def _save_onnx(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) -> None:
@@ -555,7 +546,7 @@ def _export_engine(
         "trtexec": trtexec_command(plan, onnx_file.path, engine_path),
         "parity": report.to_dict(),
         "onnx_parity": onnx_file.parity.to_dict(),
-        "versions": _versions("tensorrt"),
+        "versions": package_versions((*EXPORT_PACKAGES, "tensorrt")),
     }
     engine_metadata["versions"]["tensorrt"] = trt.__version__
     write_json(sidecar_path(engine_path), engine_metadata)
