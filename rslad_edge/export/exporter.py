@@ -298,7 +298,7 @@ def _delegation_summary(delegation: dict[str, Any]) -> str:
 def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
     """Parity images from the test split; calibration images from the train split (int8 only): only the images
     used are read, brought to the checkpoint's input size as it was trained (``input.preprocess``)."""
-    from rslad_edge.data import dataset_for_model, load_sample, preprocess_for_model, to_float
+    from rslad_edge.data import check_class_count, dataset_for_model, load_sample, preprocess_for_model, to_float
 
     dataset, data_root = dataset_for_model(cfg.dataset, cfg.data_root, info)
     size = (info.get("input") or {}).get("size")
@@ -315,9 +315,8 @@ def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
             ) from exc
         if len(images) == 0:
             raise DatasetError(f"--dataset {dataset}: the {split} split is empty (--data-root {data_root})")
-        if images.num_classes != info["num_classes"]:
-            raise DatasetError(f"--dataset {dataset} has {images.num_classes} classes but the model has "
-                               f"{info['num_classes']}: pass the dataset the model was trained on")
+        check_class_count(info["num_classes"], images.num_classes, model=Path(cfg.checkpoint).name,
+                          data=f"--dataset {dataset}", fix="pass the dataset the model was trained on")
         return images
 
     # Calibration first: for int8, a missing dataset is first of all missing calibration data. The search's splits
