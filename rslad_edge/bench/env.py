@@ -7,7 +7,6 @@ runs disagree.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import platform
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rslad_edge import __version__
+from rslad_edge.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +69,10 @@ def physical_cores(cpuinfo: str | None = None) -> int | None:
     return len(cores) or None
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions, read from package metadata (nothing is imported)."""
-    versions = {"python": platform.python_version(), "rslad_edge": __version__}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of what a figure may depend on; the absent ones are left out, since the list names
+    alternatives (``onnxruntime`` / ``onnxruntime-gpu``, one ``tensorrt`` wheel per CUDA) of which one is there."""
+    return package_versions(_LIBRARIES, skip_missing=True)
 
 
 def gpu_info() -> dict[str, Any] | None:

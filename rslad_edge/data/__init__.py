@@ -14,9 +14,11 @@ pets.preprocess                     # {"resize_shorter": 183, "center_crop": [16
 x, y = pets.take(index, "cuda")     # a batch by position, in memory or streamed from disk alike
 augment_recipe(pets.input_size)     # "rrc-flip" above 64 px (batches() picks it), "pad-crop-flip" up to 64
 calib = load_sample("imagefolder", "~/pets", "test", 256, seed=0, input_size=(160, 160))  # decodes 256 files only
+check_class_count(37, pets.num_classes, model="m.onnx", data="--dataset imagefolder", fix="...")  # raises unless 37
 """
 
 from rslad_edge.data.augment import AUGMENT_RECIPES, augment_batch, augment_recipe, batches
+from rslad_edge.data.fit import check_class_count, check_image_shape
 from rslad_edge.data.imagefolder import default_cache_dir
 from rslad_edge.data.imageset import HeldOut, ImageSet, hold_out, subset, to_float
 from rslad_edge.data.preprocess import eval_crop_pct
@@ -37,6 +39,8 @@ __all__ = [
     "augment_batch",
     "augment_recipe",
     "batches",
+    "check_class_count",
+    "check_image_shape",
     "dataset_for_model",
     "default_cache_dir",
     "default_memory_budget",

@@ -36,6 +36,7 @@ from rslad_edge.data import (
     ImageSet,
     augment_batch,
     augment_recipe,
+    check_class_count,
     hold_out,
     load_dataset,
     load_sample,
@@ -311,8 +312,9 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
     train_set, eval_set, selection = _evaluation_split(cfg, train_set, data_options)
     train_set = subset(train_set, cfg.train_subset, seed=cfg.seed)
     num_classes = cfg.num_classes or train_set.num_classes
-    if num_classes != train_set.num_classes:
-        raise ConfigError(f"--num-classes {num_classes} but dataset '{cfg.dataset}' has {train_set.num_classes}")
+    check_class_count(num_classes, train_set.num_classes, model=f"the student (--num-classes {num_classes})",
+                      data=f"--dataset {cfg.dataset}", fix="leave --num-classes out to take the dataset's",
+                      error=ConfigError)
     if cfg.batch_size > len(train_set):
         raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the training set ({len(train_set)} images); "

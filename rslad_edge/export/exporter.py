@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ from rslad_edge.io import sha256_file, write_json
 from rslad_edge.record import Artifact
 from rslad_edge.runtime import ENGINE_SUFFIXES
 from rslad_edge.runtime.metadata import encode_props, sidecar_path
+from rslad_edge.versions import package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,8 @@ METADATA_FORMAT = "rslad-edge/artifact/1"
 # A TensorRT engine is compared with PyTorch like the ONNX, except that fp32 GPU kernels sum in other orders than
 # the CPU: 1e-3 instead of 1e-4 (TF32 is switched off, so a larger difference is a real fault).
 ENGINE_PARITY_DEFAULTS = {**PARITY_DEFAULTS, "fp32": (1e-3, 1.0)}
+# What shapes every artifact, recorded in its metadata; a format adds its own (ExecuTorch, TensorRT).
+EXPORT_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim")
 
 
 @dataclass
@@ -297,7 +298,7 @@ def _delegation_summary(delegation: dict[str, Any]) -> str:
 def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
     """Parity images from the test split; calibration images from the train split (int8 only): only the images
     used are read, brought to the checkpoint's input size as it was trained (``input.preprocess``)."""
-    from rslad_edge.data import dataset_for_model, load_sample, preprocess_for_model, to_float
+    from rslad_edge.data import check_class_count, dataset_for_model, load_sample, preprocess_for_model, to_float
 
     dataset, data_root = dataset_for_model(cfg.dataset, cfg.data_root, info)
     size = (info.get("input") or {}).get("size")
@@ -314,9 +315,8 @@ def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
             ) from exc
         if len(images) == 0:
             raise DatasetError(f"--dataset {dataset}: the {split} split is empty (--data-root {data_root})")
-        if images.num_classes != info["num_classes"]:
-            raise DatasetError(f"--dataset {dataset} has {images.num_classes} classes but the model has "
-                               f"{info['num_classes']}: pass the dataset the model was trained on")
+        check_class_count(info["num_classes"], images.num_classes, model=Path(cfg.checkpoint).name,
+                          data=f"--dataset {dataset}", fix="pass the dataset the model was trained on")
         return images
 
     # Calibration first: for int8, a missing dataset is first of all missing calibration data. The search's splits
@@ -453,20 +453,10 @@ def _metadata(
         "source_sha256": source.sha256,
         "source_format": info.get("format"),
         **details,
-        "versions": _versions(*versions),
+        "versions": package_versions((*EXPORT_PACKAGES, *versions)),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return {key: value for key, value in metadata.items() if value is not None}  # the same keys in props and JSON
-
-
-def _versions(*extra: str) -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"rslad_edge": __version__, "python": platform.python_version()}
-    for package in ("torch", "onnx", "onnxruntime", "onnxscript", "onnxslim", *extra):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
 
 
 def _save_onnx(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) -> None:
@@ -555,7 +545,7 @@ def _export_engine(
         "trtexec": trtexec_command(plan, onnx_file.path, engine_path),
         "parity": report.to_dict(),
         "onnx_parity": onnx_file.parity.to_dict(),
-        "versions": _versions("tensorrt"),
+        "versions": package_versions((*EXPORT_PACKAGES, "tensorrt")),
     }
     engine_metadata["versions"]["tensorrt"] = trt.__version__
     write_json(sidecar_path(engine_path), engine_metadata)

@@ -53,6 +53,7 @@ from rslad_edge.attacks import (
 )
 from rslad_edge.attacks.autoattack import AUTOATTACK_VERSIONS
 from rslad_edge.attacks.square import DEFAULT_SCHEDULE, SQUARE_SCHEDULES
+from rslad_edge.data import check_image_shape
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.runtime import Runner
 from rslad_edge.runtime.twin import OnnxTwin, twin_agreement
@@ -412,13 +413,9 @@ def _as_inputs(data_x: torch.Tensor | np.ndarray, data_y: torch.Tensor | np.ndar
 
 def _check_fits(model: Model, x: torch.Tensor, y: torch.Tensor, artifact: Model) -> None:
     """The images fit the model's input; its class count is the artifact's and covers the labels."""
-    expected = "x".join(str(d) if d else "?" for d in model.input_shape)
-    got = "x".join(str(d) for d in x.shape[1:])
-    if any(want and want != have for want, have in zip(model.input_shape, x.shape[1:], strict=True)):
-        raise DatasetError(
-            f"{model.label} takes {expected} images but the verify images are {got}: verify on the dataset the "
-            "model was trained on (--dataset), or export it for that input size"
-        )
+    check_image_shape(model.input_shape, tuple(x.shape[1:]), model=model.label, images="the verify images",
+                      fix="verify on the dataset the model was trained on (--dataset), or export it for that "
+                      "input size")
     both_known = model.num_classes and artifact.num_classes
     if model is not artifact and both_known and model.num_classes != artifact.num_classes:
         raise ConfigError(f"{model.label} predicts {model.num_classes} classes but the artifact "

@@ -33,9 +33,7 @@ case, against the artifact's over everything it faced).
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import torch
@@ -44,8 +42,11 @@ from rslad_edge.errors import ConfigError, GateFailedError
 from rslad_edge.runtime.twin import TwinAgreement
 from rslad_edge.stats import paired_drop_ci95_pp, wilson_ci95
 from rslad_edge.verify.targets import ArtifactInfo
+from rslad_edge.versions import package_versions
 
 CLEAN_ROW, WORST_CASE_ROW = "clean", "worst_case"
+# What computes verify's figures: the attack implementations and the runtimes change results.
+VERIFY_PACKAGES = ("torch", "numpy", "onnxruntime", "executorch", "pyautoattack")
 
 
 @dataclass(frozen=True)
@@ -343,14 +344,8 @@ class VerifyReport:
 
 
 def versions() -> dict[str, str | None]:
-    """Versions of what computed the figures (the attack implementations and runtimes change results)."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("rslad-edge", "torch", "numpy", "onnxruntime", "executorch", "pyautoattack"):
-        try:
-            found[package.replace("-", "_")] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package.replace("-", "_")] = None
-    return found
+    """Versions of what computed the figures, None for a package that is not installed."""
+    return package_versions(VERIFY_PACKAGES)
 
 
 def _mean(flags: torch.Tensor) -> float:

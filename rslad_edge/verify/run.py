@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from rslad_edge.attacks.square import DEFAULT_SCHEDULE
-from rslad_edge.data import ImageSet, dataset_for_model, load_sample, preprocess_for_model, to_float
+from rslad_edge.data import (
+    ImageSet,
+    check_class_count,
+    check_image_shape,
+    dataset_for_model,
+    load_sample,
+    preprocess_for_model,
+    to_float,
+)
 from rslad_edge.errors import ConfigError, DatasetError
 from rslad_edge.io import write_json
 from rslad_edge.options import comma_list, levels_text, option
@@ -146,23 +154,17 @@ def load_verify_images(
         test = load_sample(dataset, data_root, "test", n, seed, input_size=input_size, crop_pct=crop_pct)
     except DatasetError as exc:
         raise DatasetError(f"--dataset {dataset}: {exc}") from exc
+    name = Path(runner.path).name
+    check_class_count(runner.num_classes, test.num_classes, model=name, data=f"--dataset {dataset}",
+                      fix="verify on the dataset the model was trained on")
+    check_image_shape(runner.input_shape, (3, *test.input_size), model=name,
+                      images=f"the images of --dataset {dataset}",
+                      fix="verify on the data it was trained on, or export it for that size")
     notes: list[str] = []
-    if test.num_classes != runner.num_classes:
-        raise DatasetError(
-            f"{Path(runner.path).name} predicts {runner.num_classes} classes but --dataset {dataset} has "
-            f"{test.num_classes}: verify on the dataset the model was trained on"
-        )
-    trained_classes = (getattr(runner, "metadata", None) or {}).get("classes")
+    trained_classes = metadata.get("classes")
     if isinstance(trained_classes, list) and trained_classes != list(test.classes):
-        notes.append(f"the class names of --dataset {dataset} differ from those {Path(runner.path).name} was "
-                     f"exported with ({', '.join(map(str, trained_classes[:3]))}, ...): is it the right dataset?")
-    channels, height, width = runner.input_shape
-    size = (3, *test.input_size)
-    if (channels and channels != size[0]) or (height and height != size[1]) or (width and width != size[2]):
-        raise DatasetError(
-            f"{Path(runner.path).name} takes {channels}x{height}x{width} images but --dataset {dataset} has "
-            f"{size[0]}x{size[1]}x{size[2]}: verify on the data it was trained on, or export it for that size"
-        )
+        notes.append(f"the class names of --dataset {dataset} differ from those {name} was exported with"
+                     f" ({', '.join(map(str, trained_classes[:3]))}, ...): is it the right dataset?")
     if n > len(test):
         notes.append(f"--n {n} is more than the {len(test)} test images of {dataset}: using all {len(test)}")
         logger.warning(notes[-1])
