@@ -31,6 +31,7 @@ CHANGED = {
     "lr_gamma": "0.5", "loss_scale": "batchmean", "eps": "4/255", "step_size": "1/255", "attack_steps": "2",
     "alpha": "0.5", "temperature": "2", "beta": "3", "train_subset": "64", "val_n": "128", "select": "last",
     "eval_steps": "3", "precision": "bf16", "compile": None, "sync_bn": None, "seed": "1", "preset": "fast",
+    "bn_momentum": "0.5",
 }
 
 

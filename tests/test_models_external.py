@@ -159,3 +159,26 @@ def test_resized_teacher_sees_its_own_size_and_passes_gradients():
     x = torch.rand(2, 3, 96, 96, requires_grad=True)
     Resized(Probe(), (32, 32))(x).sum().backward()
     assert seen == [(32, 32)] and x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_bn_momentum_is_set_on_every_batchnorm_or_a_slow_one_is_warned_about(caplog):
+    from rslad_edge.distill.config import DistillConfig
+    from rslad_edge.distill.trainer import _set_bn_momentum
+    from rslad_edge.models import create_model
+
+    def momenta(model):
+        return {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+
+    model = create_model("torchvision:mobilenet_v3_small", 5)
+    assert momenta(model) == {0.01}  # torchvision's own, for 600-epoch ImageNet runs
+    with caplog.at_level("WARNING", logger="rslad_edge"):
+        _set_bn_momentum(model, DistillConfig(student="torchvision:mobilenet_v3_small"), steps=234)
+    assert "keep 10% of their initial values" in caplog.text and "--bn-momentum 0.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rslad_edge"):
+        _set_bn_momentum(model, DistillConfig(student="torchvision:mobilenet_v3_small"), steps=100_000)
+    assert not caplog.text  # a long run moves them: 0.99 ** 100,000 is nothing
+    _set_bn_momentum(model, DistillConfig(student="torchvision:mobilenet_v3_small", bn_momentum=0.1), steps=234)
+    assert momenta(model) == {0.1}
+    with pytest.raises(ConfigError, match="--bn-momentum is a fraction"):
+        DistillConfig(bn_momentum=1.5)

@@ -184,6 +184,11 @@ class DistillConfig:
         False, flags=("--compile/--no-compile",),
         help="torch.compile the student (CPU too; ~1 min of compile first; slower on the CPU we measured).")
     sync_bn: bool = option(False, flags=("--sync-bn/--no-sync-bn",), help="SyncBatchNorm under torchrun (CUDA).")
+    bn_momentum: float | None = option(
+        None, default_text="the student's own",
+        help="Momentum of the student's BatchNorm running statistics. 0.1 is PyTorch's default and that of the "
+        "registry's models; torchvision's MobileNetV3 / EfficientNet use 0.01, which a run of a few hundred steps "
+        "cannot move off its initial statistics (distill warns when that happens).")
     seed: int = option(0, help="Seed of the weights, the data order and samples, the held-out split.")
     preset: str = option("paper", help=f"Starting values: {', '.join(PRESETS)}.")
 
@@ -197,6 +202,8 @@ class DistillConfig:
         for arch in (self.student, self.teacher_arch, self.train_teacher):
             if arch:
                 canonical_arch(arch)  # an unknown name: one line with close matches
+        if self.bn_momentum is not None and not 0 < self.bn_momentum <= 1:
+            raise ConfigError(f"--bn-momentum is a fraction in (0, 1] (PyTorch's default 0.1), got {self.bn_momentum}")
         if self.input_size is not None:
             self.input_size = parse_input_size(self.input_size)
         if self.class_map_reduce not in CLASS_MAP_REDUCTIONS:

@@ -343,6 +343,7 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
 
     student = create_model(cfg.student, num_classes, cfg.student_kwargs)
     check_model_fits(student, cfg.student, num_classes, input_size)
+    _set_bn_momentum(student, cfg, steps=cfg.epochs * (len(train_set) // cfg.batch_size))
     student = precision.prepare(student.to(device), device)
     if cfg.sync_bn and dist.world_size > 1:
         if device.type != "cuda":
@@ -365,6 +366,27 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
         eval_x=None if eval_set is None else to_float(eval_set.read()),
         eval_y=None if eval_set is None else eval_set.labels, meta=meta,
     )
+
+
+# A BatchNorm layer's running statistics keep (1 - momentum) ** steps of their initial values; above this share at the
+# end of a run, the eval-mode student (the attack's, the checkpoint's, every export's) is not the one trained.
+STALE_BN_SHARE = 0.01
+
+
+def _set_bn_momentum(student: nn.Module, cfg: DistillConfig, *, steps: int) -> None:
+    """Apply --bn-momentum; without it, warn when the student's own momentum leaves its running statistics near their
+    initial values after this run's ``steps``."""
+    layers = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if cfg.bn_momentum is not None:
+        for layer in layers:
+            layer.momentum = cfg.bn_momentum
+        return
+    slowest = min((layer.momentum for layer in layers if layer.momentum is not None), default=None)
+    if slowest is not None and (1 - slowest) ** steps > STALE_BN_SHARE:
+        logger.warning("%s's BatchNorm momentum is %g: after this run's %d steps its running statistics keep %.0f%% of "
+                    "their initial values, so the eval-mode student (attacked, checked, exported) is not the one "
+                    "trained; pass --bn-momentum 0.1", cfg.student, slowest, steps,
+                    100 * (1 - slowest) ** steps)
 
 
 def _evaluation_split(
