@@ -107,7 +107,7 @@ class Judgement:
     float_robust: float | None = None
     drop_pp: float | None = None
     drop_ci95_pp: float | None = None
-    twin_agreement: float | None = None
+    twin_agreement: float | None = None  # None: no twin (an op it cannot emulate), so transfer PGD only
 
     def to_json(self) -> dict[str, Any]:
         return {key: (list(value) if isinstance(value, tuple) else value) for key, value in self.__dict__.items()}
@@ -345,25 +345,30 @@ def _agreement(runner: Any, split: Split) -> Judgement:
 
 def _robustness(runner: Any, path: Path, split: Split, judged: Judgement, settings: SearchSettings) -> Judgement:
     """Robust accuracy (twin PGD and transfer PGD, worst per image) against the float model's, on ``split``."""
-    from rslad_edge.runtime.twin import OnnxTwin, twin_agreement
+    from rslad_edge.runtime.twin import OnnxTwin, TwinUnavailableError, twin_agreement
 
     x, y = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
-    twin = OnnxTwin(onnx.load(path), source=path.name).eval()
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(runner.predict(images.detach().cpu().numpy()).argmax(1))
 
     logits = torch.from_numpy(runner.predict(split.images))
     clean_correct = logits.argmax(1) == y
-    generator = torch.Generator().manual_seed(settings.seed)
-    white_box = evaluate_attack(twin, x, y, settings.attack, eps=settings.eps, generator=generator,
-                                clean_correct=clean_correct, predict=predict).robust_correct
-    transfer = predict(torch.from_numpy(split.float_adversarial)) == y
-    robust = clean_correct & white_box & transfer
+    robust = clean_correct & (predict(torch.from_numpy(split.float_adversarial)) == y)  # transfer
+    agreement = None
+    try:
+        twin = OnnxTwin(onnx.load(path), source=path.name).eval()
+    except TwinUnavailableError as exc:  # an op the twin cannot emulate: transfer only, said in the verdict
+        logger.warning("int8 search: %s; candidates are judged by transfer PGD only", exc)
+    else:
+        generator = torch.Generator().manual_seed(settings.seed)
+        robust &= evaluate_attack(twin, x, y, settings.attack, eps=settings.eps, generator=generator,
+                                  clean_correct=clean_correct, predict=predict).robust_correct
+        agreement = twin_agreement(twin, logits, x).agreement
     drop = 100 * (split.float_robust.float().mean() - robust.float().mean()).item()
     return replace(judged, robust=robust.float().mean().item(), float_robust=split.float_robust.float().mean().item(),
                    drop_pp=drop, drop_ci95_pp=paired_drop_ci95_pp(split.float_robust, robust),
-                   twin_agreement=twin_agreement(twin, logits, x).agreement)
+                   twin_agreement=agreement)
 
 
 def _latency(runner: Any, images: np.ndarray) -> dict[int, float]:
