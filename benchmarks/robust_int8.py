@@ -33,6 +33,7 @@ import torch
 
 from rslad_edge.bench.core import bench
 from rslad_edge.bench.env import cpu_model, probe_env
+from rslad_edge.console import setup_logging
 from rslad_edge.data import load_sample, to_float
 from rslad_edge.export import ExportConfig, SearchFailedError, export
 from rslad_edge.runtime import load_runner
@@ -65,7 +66,8 @@ def make_artifacts(args: argparse.Namespace) -> list[dict[str, Any]]:
             item.update(path=result.path, parity=result.parity.to_dict(),
                         search=(result.metadata.get("quantization") or {}).get("search"))
         except SearchFailedError as failed:
-            item.update(path=failed.kept, parity=None, search=failed.result.to_json(), label=f"{label} (failed gate)")
+            search = failed.result if isinstance(failed.result, dict) else failed.result.to_json()
+            item.update(path=failed.kept, parity=None, search=search, label=f"{label} (failed gate)")
         item["export_s"] = time.perf_counter() - started
         item["size_mb"] = item["path"].stat().st_size / 1e6
         print(f"  {item['label']}: {item['path'].name} in {item['export_s']:.0f} s", flush=True)
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/robust-int8"), help="where the exports go")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
+    setup_logging()  # the search's progress: one line per candidate
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     versions = package_versions(("torch", "onnxruntime", "executorch"))

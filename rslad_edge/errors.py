@@ -56,6 +56,8 @@ class ExportError(RsladEdgeError):
 class ExportParityError(ExportError):
     """An exported artifact does not compute what the PyTorch model computes."""
 
+    report = None  # the export's ParityReport, when the check ran
+
 
 class RuntimeUnavailableError(RsladEdgeError):
     """A backend (TensorRT, CUDA, a Jetson) is not available where the command runs."""

@@ -147,3 +147,22 @@ def test_fallback_counts_double_then_take_all():
     assert list(fallback_counts(1)) == [1]
     assert list(fallback_counts(5)) == [1, 2, 4, 5]
     assert list(fallback_counts(8)) == [1, 2, 4, 8]
+
+
+def test_test_images_may_refute_a_searched_recipe_but_not_re_decide_it_near_the_bar():
+    from rslad_edge.export.parity import compare_logits
+
+    reference = np.eye(10, dtype=np.float32)[np.arange(256) % 10]
+    labels = np.arange(256) % 10
+
+    def agreeing(count, rule):
+        candidate = reference.copy()
+        candidate[count:] = np.roll(candidate[count:], 1, axis=1)  # the last 256 - count predictions differ
+        return compare_logits(reference, candidate, labels, max_abs_diff=None, min_agreement=0.97, data="t",
+                              agreement_rule=rule)
+
+    assert not agreeing(245, "point").passed  # 95.7%: below the bar
+    near = agreeing(245, "not contradicted")
+    assert near.passed and 0.97 < near.agreement_high < 0.98  # its interval reaches 97%: not refuted
+    refuted = agreeing(230, "not contradicted")  # 89.8%: the interval stops short of 97%
+    assert not refuted.passed and "95% interval up to" in refuted.failures[0]

@@ -209,7 +209,21 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
             "exporter": "torch.onnx.export(dynamo=True)" + (" + onnxslim" if cfg.simplify else "")})
         candidate = workdir / onnx_path.name
         _save_onnx(proto, metadata, candidate)
-        parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, onnx_path)
+        try:
+            parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, onnx_path,
+                                   searched=cfg.search)
+        except ExportParityError as exc:
+            if not cfg.search:
+                raise
+            kept = onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".failed-gate.onnx")
+            os.replace(candidate, kept)
+            write_json(sidecar_path(kept), {**metadata, "gate": "failed"})
+            search = precision_info["search"]
+            chosen = search["candidates"][search["chosen"]]
+            raise SearchFailedError(
+                f"the int8 search's choice ({chosen['label']}) passed on held-out training images, but the test images "
+                f"refute it: {'; '.join(exc.report.failures)}. Kept it as {kept}; nothing under {onnx_path.name}",
+                search, kept) from exc
         metadata["parity"] = parity.to_dict()
         _save_onnx(proto, metadata, candidate)  # again, now carrying its parity figures
         os.replace(candidate, onnx_path)
@@ -252,7 +266,8 @@ def _export_ort(cfg: ExportConfig, onnx_file: ExportedFile, reference: np.ndarra
         staged, candidate = workdir / onnx_file.path.name, workdir / ort_path.name
         _save_onnx(proto, metadata, staged)  # the .ort keeps the ONNX's metadata_props: give it its own
         metadata["ort_conversion"] = onnx_to_ort(staged, candidate)
-        parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, ort_path)
+        parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, ort_path,
+                               searched=cfg.search)
         metadata["parity"] = parity.to_dict()
         _save_onnx(proto, metadata, staged)
         onnx_to_ort(staged, candidate)  # again, now carrying its parity figures
@@ -469,12 +484,15 @@ def _save_onnx(proto: onnx.ModelProto, metadata: dict[str, Any], path: Path) -> 
 
 
 def _check_parity(
-    runner: Any, reference: np.ndarray, data: _Data, thresholds: tuple[float | None, float], final: Path,
+    runner: Any, reference: np.ndarray, data: _Data, thresholds: tuple[float | None, float], final: Path, *,
+    searched: bool = False,
 ) -> ParityReport:
     """The candidate (opened as ``runner``, on its own runtime) against PyTorch's logits; raises, removing any stale
-    ``final``, when it misses ``thresholds``."""
+    ``final``, when it misses ``thresholds``. ``searched``: a recipe --search confirmed on held-out images, which the
+    test images may refute but not re-decide (ParityReport.agreement_rule)."""
     report = compare_logits(reference, runner.predict(data.parity_images), data.parity_labels,
-                            max_abs_diff=thresholds[0], min_agreement=thresholds[1], data=data.description)
+                            max_abs_diff=thresholds[0], min_agreement=thresholds[1], data=data.description,
+                            agreement_rule="not contradicted" if searched else "point")
     _raise_unless_passed(report, final)
     return report
 
@@ -486,11 +504,13 @@ def _raise_unless_passed(report: ParityReport, final: Path) -> None:
     for path in stale:
         path.unlink()
     removed = f"; removed the stale {final.name} of an earlier run" if stale else ""
-    raise ExportParityError(
+    error = ExportParityError(
         f"parity check failed for {final.name} vs PyTorch on {report.data}: {'; '.join(report.failures)} "
         f"(accuracy torch {report.torch_accuracy:.2%}, artifact {report.artifact_accuracy:.2%}). Nothing "
         f"written{removed}. Loosen with --max-abs-diff / --min-agreement only if that difference is expected"
     )
+    error.report = report
+    raise error
 
 
 def _export_engine(

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from rslad_edge.stats import wilson_ci95
+
 
 @dataclass(frozen=True)
 class ParityReport:
@@ -26,6 +28,10 @@ class ParityReport:
     threshold_max_abs_diff: float | None
     threshold_min_agreement: float
     data: str  # e.g. "cifar10 test, 256 images, seed 0"
+    # "point": the agreement itself must reach the bar. "not contradicted": the upper end of its 95% interval must
+    # (an int8 recipe chosen by --search was already shown to clear the bar on 1,000+ held-out images; these few
+    # test images can refute that, not re-decide it near the bar).
+    agreement_rule: str = "point"
 
     @property
     def failures(self) -> list[str]:
@@ -33,9 +39,17 @@ class ParityReport:
         missed = []
         if self.threshold_max_abs_diff is not None and self.max_abs_diff > self.threshold_max_abs_diff:
             missed.append(f"max |logit diff| {self.max_abs_diff:.3g} > {self.threshold_max_abs_diff:g}")
-        if self.agreement < self.threshold_min_agreement:
+        if self.agreement_rule == "point" and self.agreement < self.threshold_min_agreement:
             missed.append(f"top-1 agreement {self.agreement:.2%} < {self.threshold_min_agreement:.2%}")
+        if self.agreement_rule == "not contradicted" and self.agreement_high < self.threshold_min_agreement:
+            missed.append(f"top-1 agreement {self.agreement:.2%} (95% interval up to {self.agreement_high:.2%}) < "
+                          f"{self.threshold_min_agreement:.2%}")
         return missed
+
+    @property
+    def agreement_high(self) -> float:
+        """Upper end of the 95% (Wilson) interval of the agreement."""
+        return wilson_ci95(round(self.agreement * self.n), self.n)[1]
 
     @property
     def passed(self) -> bool:
@@ -57,6 +71,7 @@ def compare_logits(
     max_abs_diff: float | None,
     min_agreement: float,
     data: str,
+    agreement_rule: str = "point",
 ) -> ParityReport:
     """Compare (N, K) logits of the artifact (``candidate``) with PyTorch's (``reference``) on labelled images."""
     if reference.shape != candidate.shape:
@@ -73,4 +88,5 @@ def compare_logits(
         threshold_max_abs_diff=max_abs_diff,
         threshold_min_agreement=min_agreement,
         data=data,
+        agreement_rule=agreement_rule,
     )

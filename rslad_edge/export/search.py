@@ -189,9 +189,10 @@ def table_rows(search: dict[str, Any]) -> list[list[str]]:
 
 
 class SearchFailedError(GateFailedError):
-    """No candidate passed the gate; the best is kept beside the final name (exit 3)."""
+    """No candidate passed the gate, or the test images refuted the one that did; it is kept beside the final name
+    (exit 3). ``result``: the SearchResult, or its JSON."""
 
-    def __init__(self, message: str, result: SearchResult, kept: Path) -> None:
+    def __init__(self, message: str, result: SearchResult | dict[str, Any], kept: Path | None) -> None:
         super().__init__(message)
         self.result, self.kept = result, kept
 
