@@ -63,6 +63,8 @@ def test_pipeline_runs_every_stage_and_writes_the_run_directory(finished_run):
     assert set(int8["robust_acc"]) == {"fgsm", "pgd_sat", "transfer_pgd", "divergence", "square"}
     assert int8["twin"]["n"] == 48 and int8["attack_details"]["pgd_sat"]["artifact_gradients"] == "twin"
     assert int8["reference"]["worst_case_acc"] == verify["student.pt.json"]["worst_case_acc"]
+    # ...because the checkpoint's row is taken from its own verify, not attacked once more per export
+    assert any("fgsm, pgd_sat, square taken from its own verify" in note for note in int8["notes"])
     record = RunRecord.load(out)
     entry = next(v for v in record.verify if v.json_path.name == "student.int8.onnx.json")
     expected = 100 * (verify["student.pt.json"]["worst_case_acc"] - int8["worst_case_acc"])

@@ -158,6 +158,43 @@ def test_the_worst_case_drop_is_the_checkpoints_worst_case_minus_the_artifacts(r
     assert report.artifact.gradients == "twin" and report.artifact.twin.agreement >= 0.99
 
 
+class CountingModule(torch.nn.Module):
+    """Wraps a model and counts its forward calls (each one an attack step or a judgment)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x)
+
+
+def test_a_reference_measured_before_is_not_attacked_again_and_gives_the_same_columns(runners, images):
+    """The pipeline passes the checkpoint's own row to each export's verify: its white-box and Square columns are
+    taken, not re-run (the reference's forward calls drop to the clean pass and transfer crafting), and every figure
+    equals a fresh run's."""
+    x, y = images
+    attacks, queries = ["pgd_sat", "transfer_pgd", "square"], 10
+    torch_model = runners["pt"].model
+    alone = verify(torch_model, x, y, attacks=["pgd_sat", "square"], eps=EPS, square_queries=queries)
+    fresh_ref, reused_ref = CountingModule(torch_model), CountingModule(torch_model)
+    fresh = verify(runners["int8"], x, y, reference=fresh_ref, attacks=attacks, eps=EPS, square_queries=queries)
+    reused = verify(runners["int8"], x, y, reference=reused_ref, attacks=attacks, eps=EPS, square_queries=queries,
+                    reference_measured=alone.artifact)
+    for name in ("pgd_sat", "square"):
+        assert torch.equal(reused.reference.robust_correct[name], fresh.reference.robust_correct[name])
+    assert reused.reference.queries["square"].total == fresh.reference.queries["square"].total
+    assert reused.drop_pp("worst_case") == fresh.drop_pp("worst_case")
+    assert torch.equal(reused.artifact.worst_case_correct, fresh.artifact.worst_case_correct)
+    assert reused_ref.calls < fresh_ref.calls - queries  # Square alone queries it `queries` times when fresh
+    assert any("pgd_sat, square taken from its own verify" in note for note in reused.notes)
+    other = verify(torch_model, x[: N // 2], y[: N // 2], attacks=["pgd_sat"], eps=EPS)
+    with pytest.raises(ValueError, match="measured on other images"):
+        verify(runners["int8"], x[N // 2:], y[N // 2:], reference=torch_model, attacks=["pgd_sat"], eps=EPS,
+               reference_measured=other.artifact)
+
+
 def test_checkpoint_gets_the_white_box_suite_and_a_robust_sample_is_always_clean_correct(runners, images):
     x, y = images
     report = verify(runners["pt"], x, y, eps=EPS, batch_size=32, square_queries=10)  # two attacked batches at most

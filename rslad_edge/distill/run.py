@@ -78,7 +78,7 @@ def _own_teacher(cfg: DistillConfig, observer: TrainObserver | None) -> Path:
         return teacher_dir / "student.pt"
     logger.info("no --teacher: training a robust teacher first (%s)", teacher_dir)
     # The teacher gets the run's data, device and budget (a shortened run shortens its teacher too); its method is
-    # SAT, its architecture --train-teacher's (with --teacher-kwargs) or SMOKE_TEACHER's.
+    # SAT, its architecture --train-teacher's (with --teacher-kwargs) or SMOKE_TEACHER's (its training attack too).
     shared = {key: getattr(cfg, key) for key in TEACHER_SHARES}
     own = (SMOKE_TEACHER if cfg.train_teacher is None else
            {"method": "sat", "student": cfg.train_teacher, "student_kwargs": cfg.teacher_kwargs, "lr": cfg.lr})

@@ -28,10 +28,10 @@ STAGES = ("distill", "export", "verify", "bench")
 PRESET_YAML: dict[str, str] = {
     "smoke": """\
 # rslad-edge pipeline, preset smoke: fully offline on a CPU, a few minutes on 2 cores.
-# Synthetic `shapes` data, a small teacher trained adversarially on the spot (SAT), an RSLAD student, its ONNX
+# Synthetic `shapes` data, a small teacher trained adversarially on the spot (fast AT), an RSLAD student, its ONNX
 # exports, verification with small but real attack budgets, CPU latency, then report.md / report.html.
 distill:                  # keys: the options of `rslad-edge distill` (see its --help)
-  preset: smoke           # shapes, smallcnn student, 5 epochs, PGD-3 training attack
+  preset: smoke           # shapes, smallcnn student, 4 epochs, PGD-3 training attack
   method: rslad
   # teacher: path/to/teacher.pt   # omitted: the smoke preset trains one (smallcnn-wide, SAT) under OUT/teacher
 export:                   # keys: the options of `rslad-edge export`, plus `formats` and `precisions`
@@ -46,7 +46,7 @@ verify:                   # keys: the options of `rslad-edge verify` (checkpoint
   # export itself) and Square; the exports also transfer (crafted on student.pt) and divergence (float vs export).
   # autoattack: add it (slow on a CPU).
   attacks: [fgsm, pgd_sat, pgd_trades, cw, transfer_pgd, transfer_cw, divergence, square]
-  n: 200                  # seeded test images
+  n: 100                  # seeded test images
   eps: 8/255
   square-queries: 100     # the paper uses 5000; small here so the demo stays within minutes
   max-drop: 10            # gate: fail when an export's worst case (or any attack) is > 10 points below student.pt's

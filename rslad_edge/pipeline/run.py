@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rslad_edge.errors import GateFailedError, RunDirError
 from rslad_edge.pipeline.config import STAGES, PipelineConfig, check_pipeline_config
 from rslad_edge.record import RECORD_FILE, Artifact, BenchEntry, GateVerdict, RunRecord, StageEntry, VerifyEntry
+
+if TYPE_CHECKING:
+    from rslad_edge.verify import VerifyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +158,16 @@ def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
 
     def run() -> list[Path]:
         record.verify = []
+        student_row = None  # the checkpoint's own result: each export's reference row, when settings allow
         for artifact in artifacts:
             is_student = artifact.sha256 == student.sha256 and artifact.kind == "checkpoint"
             template = cfg.verify_checkpoint if is_student else cfg.verify_export
             verify_cfg = dataclasses.replace(template, artifact=artifact.path,
                                              json_path=record.root / "verify" / f"{artifact.name}.json")
-            report = verify_artifact(verify_cfg)
+            reuse = not is_student and _same_attack_settings(cfg.verify_checkpoint, cfg.verify_export)
+            report = verify_artifact(verify_cfg, reference_measured=student_row if reuse else None)
+            if is_student:
+                student_row = report.artifact
             gate = report.gate_verdict(verify_cfg.max_drop) if verify_cfg.max_drop is not None else None
             record.verify.append(VerifyEntry(
                 artifact_sha256=artifact.sha256, json_path=verify_cfg.json_path, clean_acc=report.clean_acc,
@@ -175,6 +182,17 @@ def _run_verify(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
         return [entry.json_path for entry in record.verify]
 
     stage("verify", _key(cfg.sections["verify"], cfg.dataset, [a.sha256 for a in artifacts]), run)
+
+
+def _same_attack_settings(checkpoint: VerifyConfig, export: VerifyConfig) -> bool:
+    """Whether the checkpoint's verify attacked it exactly as an export's verify would attack its reference (same
+    images, eps, seeds, budgets, device): then the exports reuse the checkpoint's columns instead of re-running them."""
+    ignored = ("artifact", "reference", "sources", "attacks", "json_path", "max_drop")
+
+    def settings(cfg: VerifyConfig) -> dict[str, Any]:
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ignored}
+
+    return settings(checkpoint) == settings(export)
 
 
 def _run_bench(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:

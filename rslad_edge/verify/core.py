@@ -98,6 +98,7 @@ def verify(
     progress: ProgressFn | None = None,
     notes: Sequence[str] = (),
     config: Mapping[str, Any] | None = None,
+    reference_measured: ModelResult | None = None,
 ) -> VerifyReport:
     """Measure clean and robust accuracy of ``runner`` (and ``reference``) on ``data_x``, ``data_y``.
 
@@ -120,6 +121,9 @@ def verify(
         notes: what the caller has to say about the run (how the images were chosen), first among the report's notes.
         config: what the caller ran with (its options, the dataset), recorded in the report's ``config`` with the
             settings verify used, which win where both name one.
+        reference_measured: the reference's own result from an earlier ``verify`` of it on these images with the same
+            eps, seed and attack settings (the pipeline's checkpoint row): its white-box and Square columns are
+            taken instead of attacking the reference again, and said in the notes. Its clean flags must match.
     """
     started = time.perf_counter()
     eps = check_verify_options(eps=eps, square_queries=square_queries, batch_size=batch_size, aa_version=aa_version,
@@ -148,6 +152,9 @@ def verify(
         result = ModelResult(model.info, clean_correct=clean_logits.argmax(dim=1) == y, gradients=model.gradients,
                              twin_error=model.twin_error)
         targets.append(_Target(model, result))
+        if model is ref and reference_measured is not None and not torch.equal(
+                reference_measured.clean_correct.cpu(), result.clean_correct.cpu()):
+            raise ValueError(f"reference_measured: {ref.label} was measured on other images (its clean flags differ)")
         warnings += _some(probability_output_warning(model, clean_logits))
         if model.gradients == "twin" and _uses_gradients(chosen):
             assert model.model_fn is not None
@@ -166,11 +173,15 @@ def verify(
     settings = _Settings(eps=eps, batch_size=batch_size, seed=seed)
     divergence: DivergenceStats | None = None
     attack_seconds: dict[str, float] = {}
+    reused: list[str] = []  # the reference's columns taken from reference_measured
     for attack in chosen:
         attack_started = time.perf_counter()
         spec = _spec(attack, aa_version=aa_version, seed=seed, square_queries=square_queries,
                      square_schedule=square_schedule)
         for run in _runs(attack, spec, targets, source_models):
+            if _take_measured(run, reference_measured, targets):
+                reused.append(attack.name)
+                continue
             with autoattack_warnings(warnings, run.crafted_on[0].label):
                 outcome = _attack(run, x, y, settings, progress)
             for target, correct in zip(run.scored, outcome.correct[: len(run.scored)], strict=True):
@@ -188,6 +199,10 @@ def verify(
         attack_seconds[attack.name] = time.perf_counter() - attack_started
         _log_attack(attack.name, [target.result for target in targets], attack_seconds[attack.name])
 
+    if reused:
+        assert ref is not None
+        notes.append(f"{ref.label}: {', '.join(reused)} taken from its own verify on these images (same eps, seed "
+                     "and attack settings), not run again")
     for target in targets:
         target.result.runtime_seconds = target.model.runtime_seconds
         white, black = _white_and_black_box(chosen, target.model, source_models)
@@ -297,6 +312,20 @@ def _runs(attack: VerifyAttack, spec: AttackSpec, targets: list[_Target], source
                      task=f"{attack.name}: {float_target.model.label} vs {artifact.model.label}")]
     return [_Run(attack, spec, (target.model,), (target,), task=f"{attack.name} on {target.model.label}")
             for target in targets if attack.family == "query" or target.model.model_fn is not None]
+
+
+def _take_measured(run: _Run, measured: ModelResult | None, targets: list[_Target]) -> bool:
+    """Fill the reference's column of ``run`` from ``measured`` when the run is the reference's own white-box or
+    Square run and ``measured`` has that column; True when it did (the run is skipped)."""
+    if measured is None or len(targets) < 2 or run.attack.name not in measured.robust_correct:
+        return False
+    reference = targets[1]
+    if run.scored != (reference,) or run.crafted_on != (reference.model,) or run.observed:
+        return False
+    reference.result.robust_correct[run.attack.name] = measured.robust_correct[run.attack.name].clone()
+    if run.attack.name in measured.queries:
+        reference.result.queries[run.attack.name] = measured.queries[run.attack.name]
+    return True
 
 
 def _attack(run: _Run, x: Tensor, y: Tensor, settings: _Settings, progress: ProgressFn | None) -> _Outcome:

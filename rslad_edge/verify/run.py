@@ -27,7 +27,7 @@ from rslad_edge.io import write_json
 from rslad_edge.options import comma_list, levels_text, option
 from rslad_edge.runtime import CHECKPOINT_SUFFIXES, Runner, load_runner
 from rslad_edge.verify.core import ProgressFn, check_verify_options, verify
-from rslad_edge.verify.report import VerifyReport
+from rslad_edge.verify.report import ModelResult, VerifyReport
 from rslad_edge.verify.suite import CHECKPOINT_DEFAULT_ATTACKS, VERIFY_ATTACKS, parse_attacks
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,13 @@ class VerifyConfig:
             "sources": [str(source) for source in self.sources]}
 
 
-def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> VerifyReport:
-    """Open the models, load the data, run :func:`verify`, write ``cfg.json_path``; the gate is the caller's."""
+def verify_artifact(
+    cfg: VerifyConfig, progress: ProgressFn | None = None, reference_measured: ModelResult | None = None
+) -> VerifyReport:
+    """Open the models, load the data, run :func:`verify`, write ``cfg.json_path``; the gate is the caller's.
+
+    ``reference_measured``: the reference's own report row from a verify with the same settings (see :func:`verify`).
+    """
     cfg.check_files()
     runner = _open(cfg.artifact, cfg)
     reference = _open(cfg.reference, cfg) if cfg.reference is not None else None
@@ -135,6 +140,7 @@ def verify_artifact(cfg: VerifyConfig, progress: ProgressFn | None = None) -> Ve
         sources=sources, square_queries=cfg.square_queries, square_schedule=cfg.square_schedule,
         batch_size=cfg.batch_size, seed=cfg.seed, aa_version=cfg.aa_version, progress=progress,
         notes=notes, config={**cfg.to_json(), "dataset": dataset, "data_root": data_root},
+        reference_measured=reference_measured,
     )
     if cfg.json_path is not None:
         write_json(cfg.json_path, report.to_json())
