@@ -178,3 +178,41 @@ def test_twin_emulates_mobilenetv3s_hard_swish_and_squeeze_excite(tmp_path, imag
     x, _ = images
     agreement = twin_agreement(onnx_twin(path), _ort_logits(path, x), x)
     assert agreement.max_abs_logit_diff <= TOLERANCE[precision], agreement
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-trt"])
+def test_a_trainable_twin_trains_the_graphs_integers_and_onnx_runtime_runs_what_it_learned(
+        tiny_exports, images, precision, tmp_path):
+    """Quantization-aware training on the exported graph itself: the weights are parameters on the graph's own grid,
+    a few steps change the integers, and the written-back graph in ONNX Runtime computes what the trained twin does."""
+    x, y = images
+    path = tiny_exports[precision]
+    model = onnx.load(str(path))
+    fixed, twin = OnnxTwin(model), OnnxTwin(model, trainable=True)
+    weights = [p for p in twin.parameters()]
+    assert weights and all(p.requires_grad for p in weights) and not list(fixed.parameters())
+    with torch.no_grad():
+        assert torch.equal(twin(x), fixed(x))  # at the start: the exported graph exactly
+    optimizer = torch.optim.SGD(twin.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in weights]
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(twin(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, weights, strict=True))
+    trained = tmp_path / "trained.onnx"
+    onnx.save(twin.quantized_onnx(model), str(trained))
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    written = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(trained)).graph.initializer}
+    changed = [name for name in written if not np.array_equal(written[name], original[name])]
+    assert changed and all(written[name].dtype == original[name].dtype for name in changed)
+    assert all(written[name].dtype in (np.int8, np.uint8, np.int32) for name in changed)  # only integers move
+    with torch.no_grad():
+        agreement = twin_agreement(OnnxTwin(onnx.load(str(trained))), _ort_logits(trained, x), x)
+        assert agreement.agreement == 1.0
+        ort = _ort_logits(trained, x)
+        assert (twin(x) - ort).abs().max() <= TOLERANCE[precision]

@@ -46,6 +46,7 @@ MIN_TWIN_AGREEMENT = 0.99  # top-1 agreement with the artifact below which a twi
 # ONNX TensorProto element types -> the integer range a QuantizeLinear saturates to.
 _QUANT_RANGES = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767), 6: (-(2**31), 2**31 - 1)}
 _FLOAT16, _FLOAT, _DOUBLE, _BFLOAT16 = 10, 1, 11, 16
+_UINT8, _INT8, _INT32 = 2, 3, 6
 
 
 class TwinUnavailableError(RsladEdgeError):
@@ -131,9 +132,16 @@ class OnnxTwin(nn.Module):
     here; ``forward`` runs the rest in the graph's (topological) order. Constants are buffers: ``.to(device)`` moves
     them. ``fuse_fake_quant``: each activation's QuantizeLinear -> DequantizeLinear pair (same scale and zero point)
     runs as one fused torch fake-quantize kernel, 2-3x faster than the two ops; see :func:`_fake_quantize`.
+
+    ``trainable``: the integer weights and biases of a Q/DQ graph (each DequantizeLinear of an integer initializer)
+    become parameters, held dequantized and quantized again on every forward on the graph's own grid (its scales and
+    zero points, rounding straight-through): training them is quantization-aware training of exactly the graph
+    ONNX Runtime runs, and :meth:`quantized_onnx` writes them back as that graph's integers.
     """
 
-    def __init__(self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True) -> None:
+    def __init__(
+        self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True, trainable: bool = False
+    ) -> None:
         super().__init__()
         import onnx
         from onnx import numpy_helper
@@ -157,6 +165,7 @@ class OnnxTwin(nn.Module):
         self.output_name = graph.output[0].name
 
         self._nodes: list[_Node] = []
+        self._weights: dict[str, _Node] = {}  # trainable: dequantized weight / bias name -> its DequantizeLinear
         for index, node in enumerate(graph.node):
             if node.domain not in ("", "ai.onnx"):
                 raise _cannot(source, f"{node.domain}.{node.op_type}", node.name)
@@ -164,7 +173,8 @@ class OnnxTwin(nn.Module):
             plan = _Node(node.op_type, node.name or f"#{index}", list(node.input), list(node.output), attrs, opset)
             _check_supported(plan, source, constants)
             half = self._output_is_half(plan)
-            if all(name == "" or name in constants for name in plan.inputs):
+            foldable = all(name == "" or (name in constants and name not in self._weights) for name in plan.inputs)
+            if foldable:
                 with torch.no_grad():
                     outputs = _run(plan, [constants.get(name) if name else None for name in plan.inputs],
                                    self._quant_type)
@@ -172,6 +182,9 @@ class OnnxTwin(nn.Module):
                     constants[name] = _round_half(value) if half and value.is_floating_point() else value
                     if plan.op_type == "Constant":
                         self._quant_type[name] = attrs["value"].data_type if "value" in attrs else _FLOAT
+                if trainable and plan.op_type == "DequantizeLinear" and self._quant_type.get(plan.inputs[0]) in (
+                        _INT8, _UINT8, _INT32):
+                    self._weights[plan.outputs[0]] = plan
             else:
                 self._nodes.append(plan)
             if half:
@@ -182,10 +195,19 @@ class OnnxTwin(nn.Module):
             self._nodes = _fuse_quantize_dequantize(self._nodes, constants, self._quant_type, self.output_name)
         needed = {name for plan in self._nodes for name in plan.inputs} | {self.output_name}
         self._constant_attr: dict[str, str] = {}
+        self._grid: dict[str, tuple[torch.Tensor, torch.Tensor, int, int, int]] = {}  # weight -> its quantization
         for position, (name, value) in enumerate(constants.items()):
             if name in needed:
                 attribute = f"constant_{position}"
-                self.register_buffer(attribute, value, persistent=False)
+                if name in self._weights:
+                    self.register_parameter(attribute, nn.Parameter(value.float().clone()))
+                    plan = self._weights[name]
+                    low, high = _QUANT_RANGES[self._quant_type[plan.inputs[0]]]
+                    zero = constants[plan.inputs[2]] if len(plan.inputs) > 2 and plan.inputs[2] else torch.zeros(())
+                    self._grid[name] = (constants[plan.inputs[1]].float(), zero.float(),
+                                        int(plan.attrs.get("axis", 1)), low, high)
+                else:
+                    self.register_buffer(attribute, value, persistent=False)
                 self._constant_attr[name] = attribute
         # Free each intermediate value after its last use: without gradients (the agreement check, predictions) a
         # ResNet-18 batch would otherwise hold every activation of the graph at once.
@@ -225,7 +247,40 @@ class OnnxTwin(nn.Module):
             return None
         if name in values:
             return values[name]
+        if name in self._grid:
+            return self._on_grid(name)[1]
         return getattr(self, self._constant_attr[name])
+
+    def _on_grid(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A trainable weight's integers (float-valued, straight-through) and their dequantized value."""
+        weight = getattr(self, self._constant_attr[name])
+        scale, zero, axis, low, high = self._grid[name]
+        scale = _broadcast_axis(scale.to(weight.device), weight, axis)
+        zero = _broadcast_axis(zero.to(weight.device), weight, axis)
+        integers = torch.clamp(_round_ste(weight / scale) + zero, low, high)
+        return integers, (integers - zero) * scale
+
+    def quantized_onnx(self, model: Any) -> Any:
+        """A copy of ``model`` (the graph this twin was built from, with ``trainable=True``) whose integer weights and
+        biases are this twin's trained ones, on the same grid: ONNX Runtime then computes what the twin does."""
+        import onnx
+        from onnx import numpy_helper
+
+        if not self._weights:
+            raise ValueError("quantized_onnx needs a twin built with trainable=True from a Q/DQ graph")
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        integers = {}
+        with torch.no_grad():
+            for name, plan in self._weights.items():
+                if name in self._grid:
+                    integers[plan.inputs[0]] = self._on_grid(name)[0].cpu().numpy()
+        for initializer in out.graph.initializer:
+            if initializer.name in integers:
+                dtype = numpy_helper.to_array(initializer).dtype
+                initializer.CopyFrom(numpy_helper.from_array(integers[initializer.name].astype(dtype),
+                                                             initializer.name))
+        return out
 
     def extra_repr(self) -> str:
         return f"{Path(self.source).name}: {len(self._nodes)} nodes, ops {', '.join(self.op_types)}"
