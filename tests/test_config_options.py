@@ -40,7 +40,7 @@ def test_every_field_is_an_option_whose_help_leaves_the_default_to_the_field(cls
 def test_help_shows_each_config_default_and_where_a_preset_or_method_differs():
     distill = flat_help("distill")
     for text in ["SGD learning rate. [default: 0.1; smoke: 0.2]",
-                 "Epochs. [default: 300; fast: 50; cpu-30min: 3; smoke: 5; ard, iad: 200; trades: 76]",
+                 "Epochs. [default: 300; fast: 50; cpu-30min: 3; smoke: 4; ard, iad: 200; trades: 76]",
                  "[default: 8/255]", "Attack step size, pixel units. [default: 2/255; smoke: 4/255; trades: 0.007]",
                  "Method weight. [default: the method's; rslad: 0.8333; ard, iad: 1; kd: 0.9]",
                  "Training method: rslad, ard, iad, sat, trades, kd, natural.", "paper, fast, cpu-30min, smoke",

@@ -486,6 +486,7 @@ def test_sigterm_saves_and_exits_cleanly_and_kill_9_resumes_from_the_last_epoch(
     assert epochs == list(range(1, len(done) + 2))
 
 
+@pytest.mark.slow  # a minute on 2 cores; `make test-all` runs it
 def test_torchrun_with_two_cpu_processes_agrees_with_a_single_process(tmp_path):
     import socket
 

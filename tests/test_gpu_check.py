@@ -52,6 +52,7 @@ def tiny_archive(tmp_path_factory) -> Path:
     return archive
 
 
+@pytest.mark.slow  # a minute on 2 cores; `make test-all` runs it
 def test_dry_run_passes_every_phase_through_the_cli_and_writes_its_record(tmp_path, tiny_archive):
     started = time.monotonic()
     result = _run_check("--dry-run", "--threads", "2", "--data", str(tiny_archive), "--out", str(tmp_path / "out"),

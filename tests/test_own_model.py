@@ -72,14 +72,21 @@ def own_model_sections(data_root: Path, **changes) -> dict:
 
 
 @pytest.fixture(scope="module")
-def own_run(tmp_path_factory):
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory, image_folder):
+    """The whole pipeline at 96x96 (two minutes on 2 cores: the tests that need it are ``slow``)."""
     torch.manual_seed(0)
-    data_root = make_image_folder(tmp_path_factory.mktemp("images"))
+    data_root = image_folder
     out = tmp_path_factory.mktemp("own") / "run"
     result = run_pipeline(own_model_sections(data_root), out)
     return out, result, data_root
 
 
+@pytest.mark.slow
 def test_torchvision_student_and_trained_teacher_go_through_every_stage_at_96(own_run):
     out, _, _ = own_run
     record = RunRecord.load(out)
@@ -103,6 +110,7 @@ def test_torchvision_student_and_trained_teacher_go_through_every_stage_at_96(ow
     assert (out / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_export_verify_and_bench_need_no_flags_for_the_checkpoint(own_run, tmp_path):
     out, _, _ = own_run
     exported = runner.invoke(app, ["export", str(out / "student.pt"), "--out", str(tmp_path), "--parity-n", "8"])
@@ -113,6 +121,7 @@ def test_export_verify_and_bench_need_no_flags_for_the_checkpoint(own_run, tmp_p
     assert json.loads((tmp_path / "v.json").read_text())["n"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None,
                     reason="the timm extra is not installed (pip install 'rslad-edge[timm]')")
 def test_a_timm_student_distils_from_a_torchvision_teacher(own_run, tmp_path):
@@ -157,8 +166,9 @@ def imagenet_class_teacher(tmp_path_factory):
     return path, class_map
 
 
-def test_a_1000_class_teacher_distils_into_our_classes_through_a_class_map(own_run, imagenet_class_teacher, tmp_path):
-    _, _, data_root = own_run
+def test_a_1000_class_teacher_distils_into_our_classes_through_a_class_map(
+        image_folder, imagenet_class_teacher, tmp_path):
+    data_root = image_folder
     teacher, class_map = imagenet_class_teacher
     refused = runner.invoke(app, _distill_args(data_root, tmp_path / "refused", "--teacher", str(teacher)))
     assert refused.exit_code == 1 and "has 1000 classes" in refused.output and "--class-map" in refused.output
@@ -171,7 +181,7 @@ def test_a_1000_class_teacher_distils_into_our_classes_through_a_class_map(own_r
 
 
 def test_robustbench_imagenet_teacher_is_loaded_for_its_dataset_with_a_stand_in_loader(
-    own_run, imagenet_class_teacher, tmp_path, monkeypatch
+    image_folder, imagenet_class_teacher, tmp_path, monkeypatch
 ):
     """RobustBench downloads its weights, which nothing here may do: a stand-in ``robustbench.utils.load_model``
     returns a local 1,000-class model and records what it was asked for."""
@@ -180,7 +190,7 @@ def test_robustbench_imagenet_teacher_is_loaded_for_its_dataset_with_a_stand_in_
 
     from rslad_edge.models import create_model
 
-    _, _, data_root = own_run
+    data_root = image_folder
     _, class_map = imagenet_class_teacher
     asked = {}
 
