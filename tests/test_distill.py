@@ -396,6 +396,7 @@ def test_distill_never_reads_the_test_split_a_train_only_folder_trains_and_selec
     assert (selection["select"], selection["split"], selection["n"], selection["seed"]) == ("val", "val", 16, 0)
 
 
+@pytest.mark.slow
 def test_held_out_images_are_the_seeded_split_recorded_in_the_student_and_never_trained_on(tmp_path):
     from rslad_edge.data import hold_out, load_dataset
 

@@ -196,6 +196,7 @@ def _activation_scales(path) -> dict[str, float]:
             for node in model.graph.node if node.op_type == "QuantizeLinear"}
 
 
+@pytest.mark.slow
 def test_int8_entropy_calibration_clips_ranges_that_minmax_keeps(checkpoint, tmp_path, int8_cpu):
     # ORT's quantize_static entropy default degenerates to min / max; ours must really clip outliers.
     # Entropy clips outliers, which costs agreement on this untrained model (78% seen): this test is about ranges.

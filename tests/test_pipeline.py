@@ -139,6 +139,7 @@ def test_interrupted_export_resumes_without_redoing_distillation(tmp_path, teach
     assert (tmp_path / "run" / "student.pt").read_bytes() == student_bytes
 
 
+@pytest.mark.slow
 def test_a_copied_run_with_a_changed_export_config_reruns_export_but_not_distill(finished_run, teacher, tmp_path):
     out, _, _ = finished_run
     copy = tmp_path / "copy"
@@ -154,6 +155,7 @@ def test_a_copied_run_with_a_changed_export_config_reruns_export_but_not_distill
     assert [a.name for a in RunRecord.load(copy).artifacts] == ["student.pt", "student.onnx"]
 
 
+@pytest.mark.slow
 def test_resume_with_new_bench_batches_reports_exactly_them_not_a_stale_bench_file(finished_run, teacher, tmp_path):
     out, _, _ = finished_run
     copy = tmp_path / "copy"

@@ -161,7 +161,7 @@ def test_an_engine_twin_is_the_twin_of_the_onnx_it_was_built_from(tiny_exports, 
         engine.twin()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.slow), "int8"])
 def test_twin_emulates_mobilenetv3s_hard_swish_and_squeeze_excite(tmp_path, images, precision):
     """torchvision's MobileNetV3 exports HardSwish, and HardSigmoid in its squeeze-excite blocks."""
     from rslad_edge.export import ExportConfig, export
