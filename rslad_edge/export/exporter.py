@@ -215,7 +215,7 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
         except ExportParityError as exc:
             if not cfg.search:
                 raise
-            kept = onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".failed-gate.onnx")
+            kept = _failed_gate_path(onnx_path)
             os.replace(candidate, kept)
             write_json(sidecar_path(kept), {**metadata, "gate": "failed"})
             search = precision_info["search"]
@@ -232,10 +232,15 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
     return ExportedFile(onnx_path, parity, metadata)
 
 
+def _failed_gate_path(final: Path) -> Path:
+    """Where an int8 that failed the search's gate is kept: NAME.int8.failed-gate.onnx beside NAME.int8.onnx."""
+    return final.with_name(final.name.removesuffix(".onnx") + ".failed-gate.onnx")
+
+
 def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path) -> None:
     """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx, with
     the search table in its sidecar); nothing under the final name (a stale one is removed)."""
-    kept = final.with_name(final.name.removesuffix(".onnx") + ".failed-gate.onnx")
+    kept = _failed_gate_path(final)
     best = exc.result.best
     metadata = _metadata(cfg, source, data, artifact=kept.name, precision_info={
         "recipe": best.recipe.to_json(), "search": exc.result.to_json()}, details={"gate": "failed"})
@@ -397,20 +402,15 @@ def _build_onnx(
         return to_fp16(proto), {"method": "onnxruntime.transformers.float16, keep_io_types", "io": "float32"}
     fp32_path = workdir / "fp32.onnx"
     onnx.save(proto, fp32_path)
-    quantized_path = workdir / "int8.onnx"
     assert data.calib_images is not None
-    recipe: dict[str, Any] = {"method": cfg.calib_method}
-    search = None
-    if cfg.search:
+    if cfg.search:  # the chosen candidate as the search built it (same calibration images, same recipe)
         search = _search(cfg, model, info, fp32_path, data, workdir)
-        chosen = search.chosen.recipe
-        recipe = {"method": chosen.calib_method, "per_channel": chosen.per_channel,
-                  "reduce_range": chosen.reduce_range, "float_nodes": chosen.float_nodes}
-    quant_info = quantize_int8(fp32_path, quantized_path, data.calib_images, target=cfg.target,
-                               static_batch=cfg.batch, workdir=workdir, **recipe)
+        quantized_path, quant_info = search.chosen.path, {**search.chosen.quant_info, "search": search.to_json()}
+    else:
+        quantized_path = workdir / "int8.onnx"
+        quant_info = quantize_int8(fp32_path, quantized_path, data.calib_images, target=cfg.target,
+                                   method=cfg.calib_method, static_batch=cfg.batch, workdir=workdir)
     quant_info["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
-    if search is not None:
-        quant_info["search"] = search.to_json()
     return drop_unused_opsets(onnx.load(quantized_path)), quant_info
 
 

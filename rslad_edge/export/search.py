@@ -125,6 +125,7 @@ class Candidate:
     passed: bool = False
     seconds: float = 0.0
     path: Path | None = field(default=None, repr=False)  # the candidate's ONNX, in the search's work folder
+    quant_info: dict[str, Any] = field(default_factory=dict, repr=False)  # quantize_int8's account of it
 
     def score(self) -> tuple[float, float]:
         """For choosing the best of the failures: the split that went furthest, agreement, then robustness."""
@@ -259,19 +260,19 @@ def search_int8(
                   "model, worst per image; the float model: PGD white-box",
         "eps": settings.eps, "budget": settings.budget, "target": settings.target,
     })
-    def build(recipe: Recipe, *, keep_activations: bool = False) -> Path:
+    def build(recipe: Recipe, *, keep_activations: bool = False) -> tuple[Path, dict[str, Any]]:
         folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=workdir))
         path = folder / "int8.onnx"
-        quantize_int8(fp32_path, path, calib_images, target=settings.target, method=recipe.calib_method,
-                      static_batch=settings.static_batch, workdir=folder, per_channel=recipe.per_channel,
-                      reduce_range=recipe.reduce_range, float_nodes=recipe.float_nodes,
-                      keep_activations=keep_activations)
-        return path
+        info = quantize_int8(fp32_path, path, calib_images, target=settings.target, method=recipe.calib_method,
+                             static_batch=settings.static_batch, workdir=folder, per_channel=recipe.per_channel,
+                             reduce_range=recipe.reduce_range, float_nodes=recipe.float_nodes,
+                             keep_activations=keep_activations)
+        return path, info
 
     def attempt(recipe: Recipe) -> bool:
-        path = build(recipe)
+        path, info = build(recipe)
         candidate = _try(recipe, path, search, confirmation, settings)
-        candidate.path = path
+        candidate.path, candidate.quant_info = path, info
         candidate.seconds = time.perf_counter() - started - sum(c.seconds for c in result.candidates)
         result.candidates.append(candidate)
         logger.info("int8 search %d/%d: %s: %s", len(result.candidates), settings.budget, recipe.label,
@@ -284,7 +285,7 @@ def search_int8(
         if attempt(recipe):
             return result
     base = max(result.candidates, key=Candidate.score).recipe
-    base_path = build(base, keep_activations=True)  # ReLU / Clip as nodes, so a float layer keeps them
+    base_path, _ = build(base, keep_activations=True)  # ReLU / Clip as nodes, so a float layer keeps them
     result.sensitivity = _sensitivity(base_path, base_path.parent / "prepared.onnx", search, settings)
     ranked = [name for name, _ in result.sensitivity]
     for count in fallback_counts(len(ranked)):
@@ -302,14 +303,15 @@ def _try(recipe: Recipe, path: Path, search: Split, confirmation: Split, setting
     candidate.latency_ms = _latency(runner, search.images)
     threshold = settings.min_agreement
     for split, slot in ((search, "search"), (confirmation, "confirmation")):
-        judged = _agreement(runner, split)
+        logits = runner.predict(split.images)  # (N, classes): shared by the agreement and the robustness check
+        judged = _agreement(logits, split)
         setattr(candidate, slot, judged)
         low = judged.agreement_ci95[0]
         if (judged.agreement if slot == "search" else low) < threshold:
             bound = "" if slot == "search" else " (95% low)"
             candidate.verdict = f"agreement{bound} < {threshold:.0%} ({slot})"
             return candidate
-        judged = _robustness(runner, path, split, judged, settings)
+        judged = _robustness(runner, path, split, logits, judged, settings)
         setattr(candidate, slot, judged)
         assert judged.drop_pp is not None
         if judged.drop_pp > settings.max_drop + 1e-9:
@@ -337,15 +339,17 @@ def _prepare_split(split: Split, model: torch.nn.Module, settings: SearchSetting
     split.float_robust = clean_correct & (torch.from_numpy(split.float_adversarial_logits.argmax(1)) == y)
 
 
-def _agreement(runner: Any, split: Split) -> Judgement:
-    predictions = runner.predict(split.images).argmax(1)
+def _agreement(logits: np.ndarray, split: Split) -> Judgement:
+    predictions = logits.argmax(1)
     agreeing = int((predictions == split.float_logits.argmax(1)).sum())
     return Judgement(n=len(split), agreement=agreeing / len(split), agreement_ci95=wilson_ci95(agreeing, len(split)),
                      accuracy=float((predictions == split.labels).mean()))
 
 
-def _robustness(runner: Any, path: Path, split: Split, judged: Judgement, settings: SearchSettings) -> Judgement:
-    """Robust accuracy (twin PGD and transfer PGD, worst per image) against the float model's, on ``split``."""
+def _robustness(runner: Any, path: Path, split: Split, clean_logits: np.ndarray, judged: Judgement,
+                settings: SearchSettings) -> Judgement:
+    """Robust accuracy (twin PGD and transfer PGD, worst per image) against the float model's, on ``split``
+    (``clean_logits``: the candidate's on its images)."""
     from rslad_edge.runtime.twin import OnnxTwin, TwinUnavailableError, twin_agreement
 
     x, y = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
@@ -353,7 +357,7 @@ def _robustness(runner: Any, path: Path, split: Split, judged: Judgement, settin
     def predict(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(runner.predict(images.detach().cpu().numpy()).argmax(1))
 
-    logits = torch.from_numpy(runner.predict(split.images))
+    logits = torch.from_numpy(clean_logits)
     clean_correct = logits.argmax(1) == y
     robust = clean_correct & (predict(torch.from_numpy(split.float_adversarial)) == y)  # transfer
     agreement = None
@@ -373,18 +377,15 @@ def _robustness(runner: Any, path: Path, split: Split, judged: Judgement, settin
 
 
 def _latency(runner: Any, images: np.ndarray) -> dict[int, float]:
-    """p50 milliseconds per call at each of LATENCY_BATCHES (a short loop: enough to rank candidates)."""
+    """p50 milliseconds per call at each of LATENCY_BATCHES: bench's timing loop, kept short (enough to rank
+    candidates; ``rslad-edge bench`` times the shipped one properly)."""
+    from rslad_edge.bench.timing import measure
+
     latency = {}
     for batch in LATENCY_BATCHES:
         x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])))
-        runs = 30 if batch == 1 else 10
-        runner.predict(x)  # warm-up
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            runner.predict(x)
-            times.append(time.perf_counter() - start)
-        latency[batch] = 1000 * statistics.median(times)
+        run = measure(lambda x=x: runner.predict(x), warmup=1, warmup_seconds=0.0, iters=30 if batch == 1 else 10)
+        latency[batch] = float(statistics.median(run.latencies_ms))
     return latency
 
 
