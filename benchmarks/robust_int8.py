@@ -1,14 +1,16 @@
-"""Robust int8 for one student: fp32 against the default int8 and the searched int8 (``export --search``), on ONNX
-Runtime and ExecuTorch: size, latency, agreement with the checkpoint and worst-case robust accuracy.
+"""Robust int8 for one student: fp32 against the default int8, the searched int8 (``export --search``) and the QAT
+int8 (``export --search --qat-epochs N``), on ONNX Runtime and ExecuTorch: size, latency, agreement with the
+checkpoint and worst-case robust accuracy.
 
     python benchmarks/robust_int8.py runs/mnv2/student.pt --dataset imagefolder --data-root data/cifar10 \\
-        --threads 2 --n 1000 --out /tmp/robust-int8 --json robust-int8.json
+        --threads 2 --n 1000 --qat-epochs 4 --out /tmp/robust-int8 --json robust-int8.json
 
 Every artifact is made by ``rslad_edge.export.export`` (the CLI's path): ONNX fp32, ONNX int8 with the default
 recipe (``--min-agreement 0``: kept whatever its agreement, so it can be measured), ONNX int8 with ``--search``
-(when no recipe passes, its closest candidate, ``*.failed-gate.onnx``, is measured and the row says so), and with
-the mobile extra the .pte fp32 / int8 (default recipe; .pte recipes are not searched). Then, with --threads for
-every runtime and on the same --n seeded test images:
+(when no recipe passes, its closest candidate, ``*.failed-gate.onnx``, is measured and the row says so), with
+``--qat-epochs N`` the search stopped right after its QAT candidate (the all-int8 recipes, then QAT of the best;
+no layer in fp32), and with the mobile extra the .pte fp32 / int8 (default recipe; .pte recipes are not searched).
+Then, with --threads for every runtime and on the same --n seeded test images:
 
 - agreement: top-1 agreement with the checkpoint, with its 95% Wilson interval;
 - robust accuracy: ``rslad-edge verify`` against the checkpoint: PGD_SAT and CW (white-box; an ONNX through its
@@ -16,8 +18,7 @@ every runtime and on the same --n seeded test images:
   drop against the checkpoint's worst case with the paired 95% interval;
 - latency: ``rslad-edge bench``'s loop, p50 at batch 1 and 64 over --seconds.
 
-Quantization-aware training (the row "QAT int8") is not built yet, so it has no row. Figures are only meaningful on
-a quiet machine: run it alone.
+Figures are only meaningful on a quiet machine: run it alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from rslad_edge.bench.env import cpu_model, probe_env
 from rslad_edge.console import setup_logging
 from rslad_edge.data import load_sample, to_float
 from rslad_edge.export import ExportConfig, SearchFailedError, export
+from rslad_edge.export.search import first_recipes
 from rslad_edge.runtime import load_runner
 from rslad_edge.runtime.executorch_runner import executorch_missing
 from rslad_edge.stats import wilson_ci95
@@ -54,6 +56,10 @@ def make_artifacts(args: argparse.Namespace) -> list[dict[str, Any]]:
         ("ONNX int8, --search", dict(precision="int8", search=True, search_budget=args.search_budget,
                                      confirm_n=args.confirm_n, name="searched")),
     ]
+    if args.qat_epochs:
+        plans.append((f"ONNX int8, QAT {args.qat_epochs} epochs", dict(
+            precision="int8", search=True, search_budget=len(first_recipes("cpu")) + 1, qat_epochs=args.qat_epochs,
+            qat_alpha=args.qat_alpha, confirm_n=args.confirm_n, name="qat")))
     if executorch_missing() is None:
         plans += [(".pte fp32", dict(format="executorch", precision="fp32")),
                   (".pte int8, default recipe", dict(format="executorch", precision="int8", min_agreement=0.0))]
@@ -131,6 +137,8 @@ def main() -> None:
     parser.add_argument("--parity-n", type=int, default=256)
     parser.add_argument("--search-budget", type=int, default=12)
     parser.add_argument("--confirm-n", type=int, default=1000)
+    parser.add_argument("--qat-epochs", type=int, default=0, help="add the QAT int8 row (0: none)")
+    parser.add_argument("--qat-alpha", type=float, default=5 / 6, help="export --qat-alpha of that row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("/tmp/robust-int8"), help="where the exports go")
     parser.add_argument("--json", type=Path, help="also write every figure here")

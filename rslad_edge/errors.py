@@ -49,6 +49,12 @@ class TrainingDivergedError(RsladEdgeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingInterrupted(RsladEdgeError):
+    """Ctrl-C or SIGTERM during training (distill, int8 QAT): the state was saved; the message says how to continue."""
+
+    exit_code = 130
+
+
 class ExportError(RsladEdgeError):
     """An export failed (unsupported op, missing tool, bad output path)."""
 

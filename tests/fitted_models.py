@@ -32,3 +32,16 @@ def ridge_fitted_smallcnn(arch: str = "smallcnn") -> torch.nn.Module:
         model.linear.weight.copy_(solution[:-1].T)
         model.linear.bias.copy_(solution[-1])
     return model
+
+
+def outlier_model(scale: float = 100.0) -> torch.nn.Module:
+    """:func:`ridge_fitted_smallcnn` with one BatchNorm channel scaled up ``scale`` times and the next convolution's
+    weights for that channel scaled down to match: the same function in float, but that layer's per-tensor
+    activation range grows ``scale`` times, so int8 rounds every other channel of it to a few levels."""
+    model = ridge_fitted_smallcnn()
+    batch_norm, next_conv = model.features[4], model.features[7]  # BN of block 2; the conv after its MaxPool
+    with torch.no_grad():
+        batch_norm.weight[0] *= scale
+        batch_norm.bias[0] *= scale
+        next_conv.weight[:, 0] /= scale
+    return model

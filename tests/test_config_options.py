@@ -116,9 +116,14 @@ def test_bench_config_offers_timing_configs_options_and_round_trips_its_keyword_
         bench_artifacts(["student.onnx"], cfg, batches=(1,))
 
 
-def test_pipeline_search_applies_to_the_int8_exports_only(tmp_path):
-    sections = load_pipeline_config("smoke", overrides={"export": {"search": True, "search-budget": 3}})
+def test_pipeline_search_and_its_qat_apply_to_the_int8_exports_only(tmp_path):
+    sections = load_pipeline_config("smoke", overrides={"export": {"search": True, "search-budget": 3,
+                                                                   "qat-epochs": 2}})
     cfg = check_pipeline_config(sections, tmp_path)
-    assert [(e.precision, e.search, e.search_budget) for e in cfg.exports] == [("fp32", False, 3), ("int8", True, 3)]
-    assert load_pipeline_config("cifar10-rslad")["export"]["search"] is True
-    assert "search" not in load_pipeline_config("smoke")["export"]  # off in the smoke demo: minutes on a CPU
+    assert [(e.precision, e.search, e.search_budget, e.qat_epochs) for e in cfg.exports] == [
+        ("fp32", False, 3, 0), ("int8", True, 3, 2)]
+    for preset in ("cifar10-rslad", "cifar100-rslad"):
+        assert load_pipeline_config(preset)["export"]["search"] is True
+        assert load_pipeline_config(preset)["export"]["qat_epochs"] > 0
+    smoke = load_pipeline_config("smoke")["export"]  # both off in the smoke demo: minutes on a CPU
+    assert "search" not in smoke and "qat_epochs" not in smoke

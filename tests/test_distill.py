@@ -20,8 +20,15 @@ from rslad_edge.distill.ddp import DistInfo
 from rslad_edge.distill.losses import rslad_loss
 from rslad_edge.distill.methods import METHODS
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.distill.trainer import TrainingInterrupted, _build, train, train_step
-from rslad_edge.errors import CheckpointError, ConfigError, RunDirError, TrainingDivergedError, UsageError
+from rslad_edge.distill.trainer import _build, train, train_step
+from rslad_edge.errors import (
+    CheckpointError,
+    ConfigError,
+    RunDirError,
+    TrainingDivergedError,
+    TrainingInterrupted,
+    UsageError,
+)
 from rslad_edge.models import create_model, load_checkpoint, read_checkpoint, save_checkpoint
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from fitted_models import ridge_fitted_smallcnn
+from fitted_models import outlier_model, ridge_fitted_smallcnn
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
@@ -28,16 +28,6 @@ runner = CliRunner()
 # Small splits keep the test quick; the ridge-fitted model's own int8 agrees on ~95% of images, so the bar is 90%.
 SEARCH = dict(precision="int8", search=True, calib_n=128, search_n=200, confirm_n=300, parity_n=1000,
               min_agreement=0.9)
-
-
-def outlier_model(scale: float = 100.0) -> torch.nn.Module:
-    model = ridge_fitted_smallcnn()
-    batch_norm, next_conv = model.features[4], model.features[7]  # BN of block 2; the conv after its MaxPool
-    with torch.no_grad():
-        batch_norm.weight[0] *= scale
-        batch_norm.bias[0] *= scale
-        next_conv.weight[:, 0] /= scale
-    return model
 
 
 @pytest.fixture(scope="module")

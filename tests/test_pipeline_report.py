@@ -132,15 +132,21 @@ def test_an_int8_search_behind_an_export_is_shown_with_every_candidate_and_the_o
     failed = {"recipe": {}, "label": "minmax", "latency_ms": {"1": 0.36, "64": 16.6}, "confirmation": None,
               "search": {**judged, "n": 500, "agreement": 0.93, "robust": None}, "verdict": "agreement < 97% (search)",
               "passed": False}
+    qat = {**failed, "label": "minmax +QAT 2 ep", "qat": {
+        "base": "minmax", "images": 4096, "loss": "KL to the float model's soft labels on clean images",
+        "best_epoch": 2, "history": [{"epoch": 1, "search_agreement": 0.95, "seconds": 170.0},
+                                     {"epoch": 2, "search_agreement": 0.962, "seconds": 172.0}]}}
     shipped = {**failed, "label": "minmax +2 fp32", "latency_ms": {"1": 0.41, "64": 19.0}, "confirmation": judged,
                "verdict": "passed", "passed": True}
     search = {"splits": {"cifar10 train, search": 500, "cifar10 train, confirmation": 1000},
-              "candidates": [failed, shipped], "chosen": 1, "fp32_latency_ms": {"1": 0.53, "64": 43.6}}
+              "candidates": [failed, qat, shipped], "chosen": 2, "fp32_latency_ms": {"1": 0.53, "64": 43.6}}
     record.exports[1] = dataclasses.replace(record.exports[1], metadata={"quantization": {"search": search}})
     md_path, html_path = write_report(record, {})
     md = md_path.read_text()
     section = md[md.index("## int8 search: student.int8.onnx"):]
     assert "| 1 | minmax | 0.36 | 16.60 | 93.0" in section and "agreement < 97% (search)" in section
-    assert "| 2 | minmax +2 fp32 | 0.41 | 19.00 | 98.5 (≥97.6) | 17.0 / 17.2 (-0.2±0.6) | shipped |" in section
+    assert "| 3 | minmax +2 fp32 | 0.41 | 19.00 | 98.5 (≥97.6) | 17.0 / 17.2 (-0.2±0.6) | shipped |" in section
+    assert ("- minmax +QAT 2 ep: QAT of minmax on 4,096 training images (KL to the float model's soft labels on clean "
+            "images), agreement % on the search split by epoch: 95.0, 96.2 (best: epoch 2); 171 s per epoch") in section
     assert "| fp32 (no int8) | 0.53 | 43.60 |" in section
     assert html_path.read_text().count("int8 search: student.int8.onnx") == 1

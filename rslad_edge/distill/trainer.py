@@ -49,7 +49,7 @@ from rslad_edge.distill import ddp
 from rslad_edge.distill.config import DistillConfig, missing_teacher
 from rslad_edge.distill.methods import Method, StepLogits, get_method, kl_scale_factor
 from rslad_edge.distill.schedules import step_lr
-from rslad_edge.errors import ConfigError, RsladEdgeError, RunDirError, TrainingDivergedError, UsageError
+from rslad_edge.errors import ConfigError, RunDirError, TrainingDivergedError, TrainingInterrupted, UsageError
 from rslad_edge.io import atomic_write, sha256_file
 from rslad_edge.models import (
     check_model_fits,
@@ -65,12 +65,6 @@ from rslad_edge.models.teacher import ClassMapped, Resized, read_class_map
 logger = logging.getLogger(__name__)
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "student.pt")  # what one train() writes into --out
-
-
-class TrainingInterrupted(RsladEdgeError):
-    """Ctrl-C or SIGTERM: the state was saved; ``--resume`` continues from it."""
-
-    exit_code = 130
 
 
 class TrainObserver(Protocol):

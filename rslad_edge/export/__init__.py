@@ -4,7 +4,7 @@ against PyTorch before it is written under its final name."""
 from rslad_edge.export.config import PARITY_DEFAULTS, ExportConfig
 from rslad_edge.export.exporter import ENGINE_PARITY_DEFAULTS, ExportResult, export
 from rslad_edge.export.parity import ParityReport, compare_logits
-from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchFailedError, table_rows
+from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchFailedError, qat_lines, table_rows
 from rslad_edge.export.trt_engine import (
     BuildPlan,
     TensorRTUnavailableError,
@@ -27,6 +27,7 @@ __all__ = [
     "compare_logits",
     "export",
     "plan_build",
+    "qat_lines",
     "table_rows",
     "trtexec_command",
 ]

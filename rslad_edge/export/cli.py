@@ -86,7 +86,7 @@ def export_command(
 
 def search_table(search: Any) -> Table:
     """The int8 search's trade-off table (a SearchResult, or its JSON from a sidecar)."""
-    from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchResult, table_rows
+    from rslad_edge.export.search import SEARCH_TABLE_HEADER, SearchResult, qat_lines, table_rows
 
     data = search.to_json() if isinstance(search, SearchResult) else search
     splits = ", ".join(f"{n} {name.rsplit(' ', 1)[-1]}" for name, n in data["splits"].items())
@@ -96,4 +96,8 @@ def search_table(search: Any) -> Table:
         table.add_column(column, justify="right" if column.startswith(("#", "ms")) else "left")
     for row in table_rows(data):
         table.add_row(*row)
+    qat = qat_lines(data)
+    if qat:
+        table.caption = "\n".join(qat)
+        table.caption_justify = "left"
     return table

@@ -133,6 +133,15 @@ class ExportConfig:
     eps: float | str | None = option(
         None, default_text="the checkpoint's training eps, else 8/255",
         help="--search: L-inf budget of its PGD, in pixel units (8/255).")
+    qat_epochs: int = option(
+        0, metavar="N", help="--search: when no all-int8 recipe passes, train the best one's own int8 graph for N "
+        "epochs (quantization-aware, RSLAD's loss with the float model as teacher, PGD inside) before keeping "
+        "layers in fp32; resumable (state in OUT/.NAME.int8.onnx.qat). 0: off.")
+    qat_n: int = option(4096, help="--qat-epochs: training images per epoch (after the search's splits).")
+    qat_lr: float = option(3e-3, help="--qat-epochs: SGD learning rate (momentum 0.9).")
+    qat_alpha: float = option(
+        5 / 6, default_text="5/6, RSLAD's", help="--qat-epochs: weight of the adversarial term; 0 trains on clean "
+        "images only (about 4x cheaper).")
     workspace_gib: float = option(2.0, flags=("--workspace",), help="TensorRT builder workspace, GiB.")
     dla_core: int | None = option(None, help="TensorRT: build for this DLA core (GPU fallback on).")
     # TensorRT optimization profile for a dynamic batch: min 1, opt, max
@@ -204,9 +213,17 @@ class ExportConfig:
             raise UsageError("--search covers the ONNX int8 formats (--format onnx, ort, trt); it does not search "
                              ".pte recipes yet")
         for flag, value in (("--search-budget", self.search_budget), ("--search-n", self.search_n),
-                            ("--confirm-n", self.confirm_n)):
+                            ("--confirm-n", self.confirm_n), ("--qat-n", self.qat_n)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1 (one candidate, one image), got {value}")
+        if self.qat_epochs < 0:
+            raise UsageError(f"--qat-epochs must be >= 0 (0: no quantization-aware training), got {self.qat_epochs}")
+        if self.qat_epochs and not self.search:
+            raise UsageError("--qat-epochs trains a candidate of the int8 search: add --search")
+        if not self.qat_lr > 0:
+            raise UsageError(f"--qat-lr must be > 0, got {self.qat_lr:g}")
+        if not 0.0 <= self.qat_alpha <= 1.0:
+            raise UsageError(f"--qat-alpha is a weight in [0, 1] (RSLAD's 5/6; 0: clean only), got {self.qat_alpha:g}")
         if self.max_drop < 0:
             raise UsageError(f"--max-drop is a bound in points and must be >= 0, got {self.max_drop:g}")
         if self.eps is not None:

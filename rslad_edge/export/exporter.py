@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -151,6 +152,7 @@ class _Data:
     parity_labels: np.ndarray
     calib_images: np.ndarray | None
     search_splits: tuple[Any, Any] | None  # --search: (search, confirmation) held-out training images
+    qat_images: np.ndarray | None  # --qat-epochs: training images after the search's splits
     description: str
     dataset: str
     classes: list[str]
@@ -228,8 +230,14 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
         _save_onnx(proto, metadata, candidate)  # again, now carrying its parity figures
         os.replace(candidate, onnx_path)
     write_json(sidecar_path(onnx_path), metadata)
+    shutil.rmtree(qat_state_dir(cfg), ignore_errors=True)  # its training is in the written graph now
     logger.info("wrote %s: %s", onnx_path, parity.summary())
     return ExportedFile(onnx_path, parity, metadata)
+
+
+def qat_state_dir(cfg: ExportConfig) -> Path:
+    """Where --qat-epochs keeps its resumable state: OUT/.NAME.int8.onnx.qat, removed once the export is written."""
+    return Path(cfg.out) / f".{cfg.onnx_name}.qat"
 
 
 def _failed_gate_path(final: Path) -> Path:
@@ -342,20 +350,27 @@ def _load_data(cfg: ExportConfig, info: dict[str, Any]) -> _Data:
     # Calibration first: for int8, a missing dataset is first of all missing calibration data. The search's splits
     # follow the calibration images in the same seeded permutation: the calibration sample is the one an export
     # without --search takes, and no image is in two of them.
-    calib, search_splits = None, None
+    calib, search_splits, qat_images = None, None, None
     if cfg.precision == "int8":
-        wanted = cfg.calib_n + (cfg.search_n + cfg.confirm_n if cfg.search else 0)
+        wanted = (cfg.calib_n + (cfg.search_n + cfg.confirm_n if cfg.search else 0)
+                  + (cfg.qat_n if cfg.qat_epochs else 0))
         train = load("train", wanted, "int8 calibration")
         images, labels = to_float(train.read()).numpy(), train.labels.numpy()
         calib = images[: cfg.calib_n]
         if cfg.search:
             search_splits = _search_splits(cfg, images, labels, dataset)
+        if cfg.qat_epochs:
+            qat_images = images[cfg.calib_n + cfg.search_n + cfg.confirm_n:]
+            if len(qat_images) < cfg.qat_n:
+                raise DatasetError(f"--qat-epochs needs --calib-n + --search-n + --confirm-n + --qat-n = {wanted} "
+                                   f"training images of {dataset}; it has {len(images)}: lower --qat-n")
     test = load("test", cfg.parity_n, "the parity check against PyTorch")
     return _Data(
         parity_images=to_float(test.read()).numpy(),
         parity_labels=test.labels.numpy(),
         calib_images=calib,
         search_splits=search_splits,
+        qat_images=qat_images,
         description=f"{dataset} test, {len(test)} images, seed {cfg.seed}",
         dataset=dataset,
         classes=list(test.classes),
@@ -377,8 +392,9 @@ def _search_splits(cfg: ExportConfig, images: np.ndarray, labels: np.ndarray, da
         logger.warning("--confirm-n %d: %s has only %d training images after calibration and the search split; "
                        "confirming on %d", cfg.confirm_n, dataset, len(images) - confirm_start,
                        len(images) - confirm_start)
-    return (Split(f"{dataset} train, search", images[cfg.calib_n : confirm_start], labels[cfg.calib_n : confirm_start]),
-            Split(f"{dataset} train, confirmation", images[confirm_start:], labels[confirm_start:]))
+    search, confirmation = slice(cfg.calib_n, confirm_start), slice(confirm_start, confirm_start + cfg.confirm_n)
+    return (Split(f"{dataset} train, search", images[search], labels[search]),
+            Split(f"{dataset} train, confirmation", images[confirmation], labels[confirmation]))
 
 
 def _torch_logits(model: torch.nn.Module, info: dict[str, Any], cfg: ExportConfig, images: np.ndarray) -> np.ndarray:
@@ -417,14 +433,18 @@ def _build_onnx(
 def _search(cfg: ExportConfig, model: torch.nn.Module, info: dict[str, Any], fp32_path: Path, data: _Data,
             workdir: Path) -> Any:
     """The int8 search (export/search.py); raises SearchFailedError, carrying the result, when nothing passed."""
+    from rslad_edge.export.qat import QatSettings
     from rslad_edge.export.search import SearchFailedError, SearchSettings, search_int8
 
     assert data.search_splits is not None and data.calib_images is not None
     eps = cfg.eps if cfg.eps is not None else float((info.get("meta") or {}).get("eps") or 8 / 255)
+    qat = (QatSettings(cfg.qat_epochs, lr=cfg.qat_lr, alpha=cfg.qat_alpha, eps=eps, seed=cfg.seed)
+           if cfg.qat_epochs else None)
     settings = SearchSettings(target=str(cfg.target), static_batch=cfg.batch, eps=eps,
                               min_agreement=cfg.thresholds[1], max_drop=cfg.max_drop, budget=cfg.search_budget,
-                              seed=cfg.seed)
-    result = search_int8(fp32_path, model.eval(), data.calib_images, *data.search_splits, settings, workdir)
+                              seed=cfg.seed, qat=qat)
+    result = search_int8(fp32_path, model.eval(), data.calib_images, *data.search_splits, settings, workdir,
+                         qat_images=data.qat_images, qat_state=qat_state_dir(cfg))
     if result.chosen is None:
         best = result.best
         raise SearchFailedError(

@@ -8,7 +8,9 @@ Candidates, in order (``--search-budget`` of them at most):
 1. every layer in int8 (equally fast): the default recipe (minmax ranges, per-channel weights), then percentile
    and entropy ranges, per-tensor weights and, for ``--target cpu``, 7-bit weights (``reduce_range``: x86 CPUs
    without VNNI can saturate on full-range weights);
-2. the best of those with its most sensitive layers in float32 (1, 2, 4, 8, ... of them; :func:`keep_float`).
+2. with ``--qat-epochs N``: the best of those, trained for N epochs by quantization-aware training of its own
+   graph (export/qat.py): still every layer in int8, so as fast as the first candidates;
+3. the best all-int8 recipe with its most sensitive layers in float32 (1, 2, 4, 8, ... of them; :func:`keep_float`).
    Sensitivity is robustness-aware: the KL divergence from the float model's predictions, on clean images and on
    PGD examples crafted on the float model, that keeping one layer in float32 removes (measured with ONNX Runtime
    on the candidate's own graph, one layer at a time).
@@ -47,6 +49,7 @@ from rslad_edge.attacks.evaluate import adversarial_examples, evaluate_attack
 from rslad_edge.attacks.presets import AttackSpec
 from rslad_edge.errors import GateFailedError
 from rslad_edge.export.precision import keep_float, quantizable_nodes, quantize_int8
+from rslad_edge.export.qat import QatSettings, describe, train_int8
 from rslad_edge.stats import paired_drop_ci95_pp, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -66,17 +69,21 @@ class Recipe:
     per_channel: bool = True
     reduce_range: bool = False
     float_nodes: tuple[str, ...] = ()
+    qat_epochs: int = 0  # quantization-aware training of the quantized graph (export/qat.py)
 
     @property
     def label(self) -> str:
-        """``minmax``, ``entropy per-tensor``, ``minmax 7-bit``, ``minmax +2 fp32`` (per-channel 8-bit unless said)."""
+        """``minmax``, ``entropy per-tensor``, ``minmax 7-bit``, ``minmax +2 fp32``, ``minmax +QAT 3 ep``
+        (per-channel 8-bit unless said)."""
         return " ".join([self.calib_method, *(["per-tensor"] if not self.per_channel else []),
                          *(["7-bit"] if self.reduce_range else []),
-                         *([f"+{len(self.float_nodes)} fp32"] if self.float_nodes else [])])
+                         *([f"+{len(self.float_nodes)} fp32"] if self.float_nodes else []),
+                         *([f"+QAT {self.qat_epochs} ep"] if self.qat_epochs else [])])
 
     def to_json(self) -> dict[str, Any]:
         return {"calib_method": self.calib_method, "per_channel": self.per_channel,
-                "reduce_range": self.reduce_range, "float_nodes": list(self.float_nodes)}
+                "reduce_range": self.reduce_range, "float_nodes": list(self.float_nodes),
+                "qat_epochs": self.qat_epochs}
 
 
 @dataclass
@@ -126,6 +133,7 @@ class Candidate:
     seconds: float = 0.0
     path: Path | None = field(default=None, repr=False)  # the candidate's ONNX, in the search's work folder
     quant_info: dict[str, Any] = field(default_factory=dict, repr=False)  # quantize_int8's account of it
+    qat: dict[str, Any] | None = None  # a QAT candidate: its training, epoch by epoch (export/qat.py)
 
     def score(self) -> tuple[float, float]:
         """For choosing the best of the failures: the split that went furthest, agreement, then robustness."""
@@ -139,7 +147,8 @@ class Candidate:
                 "latency_ms": {str(batch): round(ms, 4) for batch, ms in self.latency_ms.items()},
                 "search": self.search.to_json() if self.search else None,
                 "confirmation": self.confirmation.to_json() if self.confirmation else None,
-                "verdict": self.verdict, "passed": self.passed, "seconds": round(self.seconds, 1)}
+                "verdict": self.verdict, "passed": self.passed, "seconds": round(self.seconds, 1),
+                **({"qat": self.qat} if self.qat else {})}
 
 
 @dataclass
@@ -189,6 +198,20 @@ def table_rows(search: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def qat_lines(search: dict[str, Any]) -> list[str]:
+    """One line per QAT candidate of a search's JSON: its agreement on the search split epoch by epoch."""
+    lines = []
+    for candidate in search["candidates"]:
+        qat = candidate.get("qat")
+        if qat:
+            epochs = ", ".join(f"{100 * entry['search_agreement']:.1f}" for entry in qat["history"])
+            seconds = statistics.median(entry["seconds"] for entry in qat["history"]) if qat["history"] else 0
+            lines.append(f"{candidate['label']}: QAT of {qat['base']} on {qat['images']:,} training images "
+                         f"({qat['loss']}), agreement % on the search split by epoch: {epochs} (best: epoch "
+                         f"{qat['best_epoch']}); {seconds:.0f} s per epoch")
+    return lines
+
+
 class SearchFailedError(GateFailedError):
     """No candidate passed the gate, or the test images refuted the one that did; it is kept beside the final name
     (exit 3). ``result``: the SearchResult, or its JSON."""
@@ -210,6 +233,7 @@ class SearchSettings:
     budget: int  # candidates
     seed: int
     threads: int | None = None
+    qat: QatSettings | None = None  # None: no QAT candidate
 
     @property
     def attack(self) -> AttackSpec:
@@ -244,8 +268,13 @@ def search_int8(
     confirmation: Split,
     settings: SearchSettings,
     workdir: Path,
+    *,
+    qat_images: np.ndarray | None = None,
+    qat_state: Path | None = None,
 ) -> SearchResult:
-    """Run the search (see the module docstring); ``model`` is the float checkpoint in eval mode on the CPU."""
+    """Run the search (see the module docstring); ``model`` is the float checkpoint in eval mode on the CPU.
+    ``qat_images`` (training images disjoint from the splits and calibration) and ``qat_state`` (the folder that
+    makes the training resumable) are needed when ``settings.qat`` is set."""
     started = time.perf_counter()
     for split in (search, confirmation):
         _prepare_split(split, model, settings)
@@ -269,8 +298,8 @@ def search_int8(
                              keep_activations=keep_activations)
         return path, info
 
-    def attempt(recipe: Recipe) -> bool:
-        path, info = build(recipe)
+    def attempt(recipe: Recipe, built: tuple[Path, dict[str, Any]] | None = None) -> bool:
+        path, info = built or build(recipe)
         candidate = _try(recipe, path, search, confirmation, settings)
         candidate.path, candidate.quant_info = path, info
         candidate.seconds = time.perf_counter() - started - sum(c.seconds for c in result.candidates)
@@ -284,7 +313,18 @@ def search_int8(
     for recipe in first_recipes(settings.target):
         if attempt(recipe):
             return result
-    base = max(result.candidates, key=Candidate.score).recipe
+    best = max(result.candidates, key=Candidate.score)
+    if settings.qat is not None:
+        assert qat_images is not None and qat_state is not None
+        trained = train_int8(best.path, model, qat_images, (search.images, search.float_logits.argmax(1)),
+                             settings.qat, qat_state, threads=settings.threads)
+        qat_info = {**describe(settings.qat, len(qat_images)), **trained.to_json(), "base": best.recipe.label}
+        done = attempt(replace(best.recipe, qat_epochs=settings.qat.epochs),
+                       (trained.path, {**best.quant_info, "qat": qat_info}))
+        result.candidates[-1].qat = qat_info
+        if done:
+            return result
+    base = best.recipe
     base_path, _ = build(base, keep_activations=True)  # ReLU / Clip as nodes, so a float layer keeps them
     result.sensitivity = _sensitivity(base_path, base_path.parent / "prepared.onnx", search, settings)
     ranked = [name for name, _ in result.sensitivity]

@@ -41,6 +41,7 @@ export:                   # keys: the options of `rslad-edge export`, plus `form
   calib-n: 512            # training images for int8 calibration
   parity-n: 256           # test images for the parity check against PyTorch
   # search: true          # int8: try other recipes when the default loses parity or robustness (off: minutes)
+  # qat-epochs: 3         # with search: train the int8 graph itself when no recipe passes (minutes per epoch)
 verify:                   # keys: the options of `rslad-edge verify` (checkpoint- / export-attacks: separate lists)
   # Every artifact faces the same columns: white-box (an export through its differentiable twin, judged by the
   # export itself) and Square; the exports also transfer (crafted on student.pt) and divergence (float vs export).
@@ -71,7 +72,10 @@ export:
   target: cpu
   calib-n: 512
   search: true            # int8: the default recipe first; when it loses parity or robustness, other calibrations,
-                          # then the most sensitive layers in fp32 (export --search; its table lands in the report)
+                          # then QAT of the int8 graph, then the most sensitive layers in fp32 (export --search;
+                          # its table lands in the report)
+  qat-epochs: 5           # quantization-aware training of the int8 graph, RSLAD's loss with the float student as
+                          # teacher (export --qat-epochs; resumable)
 verify:
   # the paper's white-box columns on every artifact (exports through their twin), then transfer, divergence, Square
   attacks: [fgsm, pgd_sat, pgd_trades, cw, autoattack, transfer_pgd, transfer_cw, divergence, square]
@@ -99,7 +103,10 @@ export:
   target: cpu
   calib-n: 512
   search: true            # int8: the default recipe first; when it loses parity or robustness, other calibrations,
-                          # then the most sensitive layers in fp32 (export --search; its table lands in the report)
+                          # then QAT of the int8 graph, then the most sensitive layers in fp32 (export --search;
+                          # its table lands in the report)
+  qat-epochs: 5           # quantization-aware training of the int8 graph, RSLAD's loss with the float student as
+                          # teacher (export --qat-epochs; resumable)
 verify:
   # the paper's white-box columns on every artifact (exports through their twin), then transfer, divergence, Square
   attacks: [fgsm, pgd_sat, pgd_trades, cw, autoattack, transfer_pgd, transfer_cw, divergence, square]
@@ -113,6 +120,12 @@ bench:
   seconds: 5
 """,
 }
+
+
+def _searched(export: dict[str, Any], precision: str, export_format: str) -> dict[str, Any]:
+    """The export section for one (precision, format): search and QAT only where a search applies."""
+    searched = bool(export.get("search", False)) and precision == "int8" and export_format != "executorch"
+    return {**export, "search": searched, "qat_epochs": export.get("qat_epochs", 0) if searched else 0}
 
 
 def preset_text(name: str) -> str:
@@ -242,10 +255,9 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
                                       f"{', '.join(FORMAT_PRECISIONS[export_format])}; none is in 'precisions'")
         if export_format == "onnx" and engines:
             export_format = "trt"  # the ONNX, then an engine built on this GPU
-        # search: the int8 ONNX exports' (a .pte is not searched yet); fp32 / fp16 export as they are.
+        # search and its QAT: the int8 ONNX exports' (a .pte is not searched yet); fp32 / fp16 export as they are.
         exports += [_in_section("export", lambda p=precision, f=export_format: ExportConfig(
-            checkpoint=student, precision=p, out=out / "export", format=f,
-            **{**export, "search": export.get("search", False) and p == "int8" and f != "executorch"}))
+            checkpoint=student, precision=p, out=out / "export", format=f, **_searched(export, p, f)))
             for precision in format_precisions]
 
     verify = {**factory, **_read(sections, "verify")}

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rslad_edge.export import SEARCH_TABLE_HEADER, table_rows
+from rslad_edge.export import SEARCH_TABLE_HEADER, qat_lines, table_rows
 from rslad_edge.io import atomic_write
 from rslad_edge.record import RunRecord, VerifyEntry
 
@@ -179,14 +179,14 @@ def _html_table(header: list[str], rows: list[list[str]], css_class: str) -> str
     return f'<div class="scroll">{table}</div>'
 
 
-def _searches(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(artifact name, header, rows) of every int8 search behind an artifact: every candidate tried, and which one
-    shipped."""
+def _searches(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """(artifact name, header, rows, QAT lines) of every int8 search behind an artifact: every candidate tried, and
+    which one shipped."""
     found = []
     for artifact, _ in data["artifacts"]:
         search = ((artifact.metadata or {}).get("quantization") or {}).get("search")
         if search:
-            found.append((artifact.name, SEARCH_TABLE_HEADER, table_rows(search)))
+            found.append((artifact.name, SEARCH_TABLE_HEADER, table_rows(search), qat_lines(search)))
     return found
 
 
@@ -248,9 +248,10 @@ def write_report(record: RunRecord, sections: dict[str, Any]) -> tuple[Path, Pat
           _md_table(summary_header, summary_rows), "", "## Gates", ""]
     md += [f"- {line}" for line in gates]
     searches = _searches(data)
-    for name, header, rows in searches:
+    for name, header, rows, qat in searches:
         md += ["", f"## int8 search: {name}", "", "Candidates in the order tried, on held-out training images; the "
                "first to pass the gate shipped.", "", _md_table(header, rows)]
+        md += [""] + [f"- {line}" for line in qat] if qat else []
     if warnings:
         md += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     md += ["", "## Training", "", f"Last epoch: clean {_pct(final.get('clean_acc'))}%, PGD "
@@ -286,7 +287,8 @@ attack's success, of the images both got right.</p>
 <h2>Gates</h2><ul>{gate_html}</ul>
 {"".join(f"<h2>int8 search: {html.escape(name)}</h2><p class='muted'>Candidates in the order tried, on held-out "
          f"training images; the first to pass the gate shipped.</p>{_html_table(header, rows, 'search')}"
-         for name, header, rows in searches)}
+         + "".join(f"<p class='muted'>{html.escape(line)}</p>" for line in qat)
+         for name, header, rows, qat in searches)}
 {f"<h2>Warnings</h2><ul>{warn_html}</ul>" if warnings else ""}
 <h2>Training</h2>
 <p>Last epoch: clean {_pct(final.get('clean_acc'))}%, PGD {_pct(final.get('robust_acc'))}%.</p>

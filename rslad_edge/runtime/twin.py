@@ -135,8 +135,10 @@ class OnnxTwin(nn.Module):
 
     ``trainable``: the integer weights and biases of a Q/DQ graph (each DequantizeLinear of an integer initializer)
     become parameters, held dequantized and quantized again on every forward on the graph's own grid (its scales and
-    zero points, rounding straight-through): training them is quantization-aware training of exactly the graph
-    ONNX Runtime runs, and :meth:`quantized_onnx` writes them back as that graph's integers.
+    zero points, rounding straight-through), and so do the float weights and biases of layers the graph keeps in
+    float (the classifier, layers an int8 search left in fp32): training them is quantization-aware training of
+    exactly the graph ONNX Runtime runs, and :meth:`quantized_onnx` writes them back into that graph. Activation
+    scales stay as calibrated.
     """
 
     def __init__(
@@ -194,6 +196,10 @@ class OnnxTwin(nn.Module):
         if fuse_fake_quant:
             self._nodes = _fuse_quantize_dequantize(self._nodes, constants, self._quant_type, self.output_name)
         needed = {name for plan in self._nodes for name in plan.inputs} | {self.output_name}
+        # trainable: float weights and biases read directly by a layer (not through a DequantizeLinear)
+        self._float_weights: set[str] = {
+            name for plan in self._nodes if trainable and plan.op_type in _LAYER_OPS for name in plan.inputs[1:3]
+            if name in initializer_names and self._quant_type.get(name) == _FLOAT and name not in self._weights}
         self._constant_attr: dict[str, str] = {}
         self._grid: dict[str, tuple[torch.Tensor, torch.Tensor, int, int, int]] = {}  # weight -> its quantization
         for position, (name, value) in enumerate(constants.items()):
@@ -206,6 +212,8 @@ class OnnxTwin(nn.Module):
                     zero = constants[plan.inputs[2]] if len(plan.inputs) > 2 and plan.inputs[2] else torch.zeros(())
                     self._grid[name] = (constants[plan.inputs[1]].float(), zero.float(),
                                         int(plan.attrs.get("axis", 1)), low, high)
+                elif name in self._float_weights:
+                    self.register_parameter(attribute, nn.Parameter(value.float().clone()))
                 else:
                     self.register_buffer(attribute, value, persistent=False)
                 self._constant_attr[name] = attribute
@@ -262,7 +270,8 @@ class OnnxTwin(nn.Module):
 
     def quantized_onnx(self, model: Any) -> Any:
         """A copy of ``model`` (the graph this twin was built from, with ``trainable=True``) whose integer weights and
-        biases are this twin's trained ones, on the same grid: ONNX Runtime then computes what the twin does."""
+        biases are this twin's trained ones, on the same grid, and whose float layers carry their trained weights:
+        ONNX Runtime then computes what the twin does."""
         import onnx
         from onnx import numpy_helper
 
@@ -275,6 +284,9 @@ class OnnxTwin(nn.Module):
             for name, plan in self._weights.items():
                 if name in self._grid:
                     integers[plan.inputs[0]] = self._on_grid(name)[0].cpu().numpy()
+            for name in self._float_weights:
+                if name in self._constant_attr:
+                    integers[name] = getattr(self, self._constant_attr[name]).cpu().numpy()
         for initializer in out.graph.initializer:
             if initializer.name in integers:
                 dtype = numpy_helper.to_array(initializer).dtype
@@ -573,6 +585,7 @@ def _elementwise(function: Callable[..., torch.Tensor]) -> Callable[[_Node, list
     return lambda plan, inputs, _: [function(*inputs)]
 
 
+_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # ops whose second and third inputs are weights and biases
 _OPS: dict[str, Callable[[_Node, list, dict], list[torch.Tensor]]] = {
     "Conv": _conv,
     "Gemm": _gemm,
