@@ -128,6 +128,7 @@ def test_a_state_saved_for_other_settings_is_not_resumed(broken_int8, tmp_path, 
     assert "cannot read" in caplog.text
 
 
+@pytest.mark.slow  # 20 s: five all-int8 recipes, then QAT
 def test_the_search_tries_qat_after_the_all_int8_recipes_and_keeps_its_state_when_nothing_passes(broken_int8,
                                                                                                  tmp_path):
     budget = len(first_recipes("cpu")) + 1

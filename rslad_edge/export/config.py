@@ -138,7 +138,7 @@ class ExportConfig:
         "epochs (quantization-aware, RSLAD's loss with the float model as teacher, PGD inside) before keeping "
         "layers in fp32; resumable (state in OUT/.NAME.int8.onnx.qat). 0: off.")
     qat_n: int = option(4096, help="--qat-epochs: training images per epoch (after the search's splits).")
-    qat_lr: float = option(3e-3, help="--qat-epochs: SGD learning rate (momentum 0.9).")
+    qat_lr: float = option(3e-3, help="--qat-epochs: SGD learning rate (momentum 0.9), decayed to 0 along a cosine.")
     qat_alpha: float = option(
         5 / 6, default_text="5/6, RSLAD's", help="--qat-epochs: weight of the adversarial term; 0 trains on clean "
         "images only (about 4x cheaper).")
