@@ -471,6 +471,7 @@ def _wait_for_epochs(run_dir, n, process, timeout=120):
     raise AssertionError(f"no {n} epoch(s) within {timeout} s")
 
 
+@pytest.mark.slow  # 16 s: subprocesses; Ctrl-C in-process stays in the default run
 def test_sigterm_saves_and_exits_cleanly_and_kill_9_resumes_from_the_last_epoch(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_ARGS, "--epochs", "40", "--out", str(run_dir)]

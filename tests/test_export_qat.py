@@ -158,3 +158,24 @@ def test_bad_qat_flags_are_one_line(broken_int8, args, message):
     result = runner.invoke(app, ["export", str(broken_int8["checkpoint"]), *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow  # 15 s
+def test_a_qat_candidate_that_passes_ships_with_its_training_recorded_and_its_state_removed(
+        broken_int8, tmp_path, monkeypatch):
+    """With only the default recipe to try (the others patched away) and a bar between what it and its QAT reach, the
+    QAT candidate ships: its graph under the final name, its epochs in the sidecar, the state folder gone."""
+    from rslad_edge.export import search as search_module
+
+    monkeypatch.setattr(search_module, "first_recipes", lambda target: [search_module.Recipe()])
+    result = export(ExportConfig(checkpoint=broken_int8["checkpoint"], out=tmp_path, precision="int8", search=True,
+                                 calib_n=128, search_n=200, confirm_n=300, qat_epochs=3, qat_n=512, qat_alpha=0.0,
+                                 min_agreement=0.3, max_drop=100.0, parity_n=256))
+    search = result.metadata["quantization"]["search"]
+    minmax, qat = search["candidates"]
+    assert not minmax["passed"] and minmax["search"]["agreement"] < 0.3
+    assert qat["passed"] and search["chosen"] == 1 and qat["label"] == "minmax +QAT 3 ep"
+    assert qat["confirmation"]["agreement_ci95"][0] >= 0.3
+    assert [entry["epoch"] for entry in qat["qat"]["history"]] == [1, 2, 3]
+    assert result.metadata["quantization"]["qat"]["best_epoch"] == qat["qat"]["best_epoch"]
+    assert not (tmp_path / ".student.int8.onnx.qat").exists()

@@ -180,6 +180,7 @@ def test_a_1000_class_teacher_distils_into_our_classes_through_a_class_map(
     assert student["num_classes"] == 5 and student["input"]["size"] == [32, 32]
 
 
+@pytest.mark.slow  # 13 s
 def test_robustbench_imagenet_teacher_is_loaded_for_its_dataset_with_a_stand_in_loader(
     image_folder, imagenet_class_teacher, tmp_path, monkeypatch
 ):

@@ -95,6 +95,7 @@ def test_rerun_with_resume_skips_every_unchanged_stage(finished_run, teacher):
                       ("report", "run")]
 
 
+@pytest.mark.slow  # 12 s: a second pipeline run through the CLI
 def test_cli_ends_with_a_summary_table_of_every_artifact(finished_run, teacher, tmp_path, monkeypatch):
     from rslad_edge.console import console
 

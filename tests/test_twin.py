@@ -220,3 +220,18 @@ def test_a_trainable_twin_trains_the_graphs_integers_and_onnx_runtime_runs_what_
         assert agreement.agreement == 1.0
         ort = _ort_logits(trained, x)
         assert (twin(x) - ort).abs().max() <= TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-trt"])
+def test_a_twin_without_activation_rounding_separates_the_activations_error_from_the_weights(
+        tiny_exports, images, precision):
+    """round_activations=False keeps the int8 weights and each activation's clipping but not its rounding: its logits
+    differ from the int8 graph's, are closer to the float model's, and not equal to them (the weights are int8)."""
+    x, _ = images
+    model = onnx.load(str(tiny_exports[precision]))
+    with torch.no_grad():
+        quantized, unrounded = OnnxTwin(model)(x), OnnxTwin(model, round_activations=False)(x)
+        exact = OnnxTwin(onnx.load(str(tiny_exports["fp32"])))(x)
+    assert not torch.equal(unrounded, quantized)
+    assert (unrounded - exact).abs().mean() < (quantized - exact).abs().mean()
+    assert (unrounded - exact).abs().max() > 1e-5  # the weights are still int8

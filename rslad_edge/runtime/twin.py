@@ -133,6 +133,10 @@ class OnnxTwin(nn.Module):
     them. ``fuse_fake_quant``: each activation's QuantizeLinear -> DequantizeLinear pair (same scale and zero point)
     runs as one fused torch fake-quantize kernel, 2-3x faster than the two ops; see :func:`_fake_quantize`.
 
+    ``round_activations=False`` (a diagnosis, not an emulation): each activation's Q/DQ pair only clips to its
+    quantized range, without rounding, so comparing with the default twin separates the error activation rounding
+    causes from the weights'.
+
     ``trainable``: the integer weights and biases of a Q/DQ graph (each DequantizeLinear of an integer initializer)
     become parameters, held dequantized and quantized again on every forward on the graph's own grid (its scales and
     zero points, rounding straight-through), and so do the float weights and biases of layers the graph keeps in
@@ -142,7 +146,8 @@ class OnnxTwin(nn.Module):
     """
 
     def __init__(
-        self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True, trainable: bool = False
+        self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True, trainable: bool = False,
+        round_activations: bool = True,
     ) -> None:
         super().__init__()
         import onnx
@@ -193,8 +198,12 @@ class OnnxTwin(nn.Module):
                 self._half.update(plan.outputs)
             plan.half_output = half
 
-        if fuse_fake_quant:
+        if fuse_fake_quant or not round_activations:
             self._nodes = _fuse_quantize_dequantize(self._nodes, constants, self._quant_type, self.output_name)
+        if not round_activations:  # a diagnosis: what the graph would compute with exact activations in its ranges
+            for plan in self._nodes:
+                if plan.op_type == "FakeQuantize":
+                    plan.op_type = "ClipToRange"
         needed = {name for plan in self._nodes for name in plan.inputs} | {self.output_name}
         # trainable: float weights and biases read directly by a layer (not through a DequantizeLinear)
         self._float_weights: set[str] = {
@@ -524,6 +533,18 @@ def _fake_quantize(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
     return [torch.fake_quantize_per_channel_affine(x, scale, zero_point, attrs["axis"] % x.ndim, low, high)]
 
 
+def _clip_to_range(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
+    """A FakeQuantize without its rounding: ``x`` clipped to the range the quantized tensor can represent."""
+    x, attrs = inputs[0], plan.attrs
+    low, high = attrs["range"]
+    scale, zero_point = attrs["scale"], attrs["zero_point"]
+    if attrs["axis"] is not None:
+        scale = _broadcast_axis(scale.to(x.device), x, attrs["axis"])
+        zero_point = _broadcast_axis(zero_point.to(x.device).float(), x, attrs["axis"])
+    return [torch.minimum(torch.maximum(x, (low - zero_point) * scale), (high - zero_point) * scale)
+            if attrs["axis"] is not None else x.clamp((low - zero_point) * scale, (high - zero_point) * scale)]
+
+
 def _batch_norm(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
     x, scale, bias, mean, var = inputs[:5]
     return [F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(plan.attrs.get("epsilon", 1e-5)))]
@@ -610,9 +631,10 @@ _OPS: dict[str, Callable[[_Node, list, dict], list[torch.Tensor]]] = {
     "QuantizeLinear": _quantize,
     "DequantizeLinear": _dequantize,
     "FakeQuantize": _fake_quantize,  # internal: a fused QuantizeLinear -> DequantizeLinear pair, never read from a file
+    "ClipToRange": _clip_to_range,  # internal: a FakeQuantize without rounding (round_activations=False)
     "Cast": _cast,
     "Identity": _elementwise(lambda x: x),
     "Dropout": lambda plan, inputs, _: [inputs[0]],  # inference: the identity
     "Constant": _constant,
 }
-TWIN_OPS: tuple[str, ...] = tuple(sorted(set(_OPS) - {"FakeQuantize"}))  # the ONNX ops a twin emulates
+TWIN_OPS: tuple[str, ...] = tuple(sorted(set(_OPS) - {"FakeQuantize", "ClipToRange"}))  # the ONNX ops a twin emulates
