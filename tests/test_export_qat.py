@@ -55,7 +55,7 @@ def _agreement(path, judge) -> float:
 
 
 def test_qat_trains_the_int8_graph_toward_the_float_model_and_onnx_runtime_runs_what_it_learned(broken_int8, tmp_path):
-    settings = QatSettings(epochs=2, alpha=0.0)
+    settings = QatSettings(epochs=2, alpha=0.0, scale_lr=0.0)  # the calibrated activation ranges kept
     result = train_int8(broken_int8["int8"], broken_int8["model"], broken_int8["images"], broken_int8["judge"],
                         settings, tmp_path / "state")
     before, after = _agreement(broken_int8["int8"], broken_int8["judge"]), _agreement(result.path,
@@ -72,6 +72,34 @@ def test_qat_trains_the_int8_graph_toward_the_float_model_and_onnx_runtime_runs_
               for name in node.input[1:3]}
     assert all(np.array_equal(written[name], original[name]) for name in scales & written.keys())  # same grid
     assert any(not np.array_equal(written[name], original[name]) for name in written if written[name].dtype == np.int8)
+    images = torch.from_numpy(broken_int8["judge"][0])
+    with torch.no_grad():
+        twin = OnnxTwin(trained)(images).numpy()
+    assert (twin.argmax(1) == OnnxRunner(result.path).predict(images.numpy()).argmax(1)).mean() >= 0.99
+
+
+def test_qat_learns_activation_scales_and_keeps_each_bias_on_its_layers_grid(broken_int8, tmp_path):
+    """LSQ (the default): activation scales move; every int32 bias stays on input scale x weight scale, exactly in
+    float32, as ONNX Runtime's int8 kernels assume; zero points and weight scales do not move."""
+    result = train_int8(broken_int8["int8"], broken_int8["model"], broken_int8["images"], broken_int8["judge"],
+                        QatSettings(epochs=2, alpha=0.0), tmp_path / "state")
+    before, after = _agreement(broken_int8["int8"], broken_int8["judge"]), _agreement(result.path,
+                                                                                      broken_int8["judge"])
+    assert after >= before + 0.05, (before, after)
+    base, trained = onnx.load(broken_int8["int8"]), onnx.load(result.path)
+    original = {i.name: numpy_helper.to_array(i) for i in base.graph.initializer}
+    written = {i.name: numpy_helper.to_array(i) for i in trained.graph.initializer}
+    activation_scales = {node.input[1] for node in base.graph.node if node.op_type == "QuantizeLinear"}
+    assert any(not np.array_equal(written[name], original[name]) for name in activation_scales)
+    zero_points = {node.input[2] for node in base.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    assert all(np.array_equal(written[name], original[name]) for name in zero_points)
+    producers = {output: node for node in trained.graph.node for output in node.output}
+    layers = [node for node in trained.graph.node if node.op_type == "Conv"]
+    assert layers
+    for layer in layers:
+        x_scale, w_scale, b_scale = (producers[name].input[1] for name in layer.input[:3])
+        assert np.array_equal(written[w_scale], original[w_scale])
+        assert np.array_equal(written[b_scale], (written[x_scale] * written[w_scale]).astype(np.float32)), layer.name
     images = torch.from_numpy(broken_int8["judge"][0])
     with torch.no_grad():
         twin = OnnxTwin(trained)(images).numpy()

@@ -235,3 +235,45 @@ def test_a_twin_without_activation_rounding_separates_the_activations_error_from
     assert not torch.equal(unrounded, quantized)
     assert (unrounded - exact).abs().mean() < (quantized - exact).abs().mean()
     assert (unrounded - exact).abs().max() > 1e-5  # the weights are still int8
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-trt"])
+def test_a_twin_that_learns_activation_scales_keeps_each_bias_on_its_layers_grid_and_onnx_runtime_follows(
+        tiny_exports, images, precision, tmp_path):
+    """learn_scales (LSQ): the twin starts as the graph exactly; a few steps move the activation scales; written
+    back, every int32 bias's scale is its layer's input scale x weight scale (float32), and ONNX Runtime computes
+    what the trained twin does."""
+    x, y = images
+    model = onnx.load(str(tiny_exports[precision]))
+    with pytest.raises(ValueError, match="trainable"):
+        OnnxTwin(model, learn_scales=True)
+    twin = OnnxTwin(model, trainable=True, learn_scales=True)
+    scales = twin.scale_parameters()
+    assert scales and all(float(p.detach()) == 0.0 for p in scales)
+    with torch.no_grad():
+        assert torch.equal(twin(x), OnnxTwin(model)(x))
+    optimizer = torch.optim.Adam(scales, lr=0.05)
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(twin(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert any(float(p.detach()) != 0.0 for p in scales)
+    trained = onnx.load_from_string(twin.quantized_onnx(model).SerializeToString())
+    written = {i.name: numpy_helper.to_array(i) for i in trained.graph.initializer}
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    moved = {node.input[1] for node in model.graph.node if node.op_type == "QuantizeLinear"
+             and not np.array_equal(written[node.input[1]], original[node.input[1]])}
+    assert moved
+    producers = {output: node for node in trained.graph.node for output in node.output}
+    checked = 0
+    for layer in trained.graph.node:
+        if layer.op_type == "Conv" and len(layer.input) > 2 and layer.input[2] in producers:
+            x_scale, w_scale, b_scale = (producers[name].input[1] for name in layer.input[:3])
+            assert np.array_equal(written[b_scale], (written[x_scale] * written[w_scale]).astype(np.float32))
+            checked += x_scale in moved
+    assert checked  # some layer's input scale moved and its bias followed
+    path = tmp_path / "trained.onnx"
+    onnx.save(trained, str(path))
+    with torch.no_grad():
+        assert (twin(x) - _ort_logits(path, x)).abs().max() <= TOLERANCE[precision]

@@ -142,6 +142,9 @@ class ExportConfig:
     qat_alpha: float = option(
         5 / 6, default_text="5/6, RSLAD's", help="--qat-epochs: weight of the adversarial term; 0 trains on clean "
         "images only (about 4x cheaper).")
+    qat_scale_lr: float = option(
+        1e-3, help="--qat-epochs: Adam's learning rate on the log activation scales, which then learn too (LSQ; each "
+        "layer's int32 bias grid follows its input scale); 0 keeps the calibrated ranges.")
     workspace_gib: float = option(2.0, flags=("--workspace",), help="TensorRT builder workspace, GiB.")
     dla_core: int | None = option(None, help="TensorRT: build for this DLA core (GPU fallback on).")
     # TensorRT optimization profile for a dynamic batch: min 1, opt, max
@@ -222,6 +225,9 @@ class ExportConfig:
             raise UsageError("--qat-epochs trains a candidate of the int8 search: add --search")
         if not self.qat_lr > 0:
             raise UsageError(f"--qat-lr must be > 0, got {self.qat_lr:g}")
+        if not self.qat_scale_lr >= 0:
+            raise UsageError(f"--qat-scale-lr must be >= 0 (0: activation scales as calibrated), got "
+                             f"{self.qat_scale_lr:g}")
         if not 0.0 <= self.qat_alpha <= 1.0:
             raise UsageError(f"--qat-alpha is a weight in [0, 1] (RSLAD's 5/6; 0: clean only), got {self.qat_alpha:g}")
         if self.max_drop < 0:

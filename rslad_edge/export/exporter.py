@@ -438,7 +438,8 @@ def _search(cfg: ExportConfig, model: torch.nn.Module, info: dict[str, Any], fp3
 
     assert data.search_splits is not None and data.calib_images is not None
     eps = cfg.eps if cfg.eps is not None else float((info.get("meta") or {}).get("eps") or 8 / 255)
-    qat = (QatSettings(cfg.qat_epochs, lr=cfg.qat_lr, alpha=cfg.qat_alpha, eps=eps, seed=cfg.seed)
+    qat = (QatSettings(cfg.qat_epochs, lr=cfg.qat_lr, alpha=cfg.qat_alpha, eps=eps, seed=cfg.seed,
+                       scale_lr=cfg.qat_scale_lr)
            if cfg.qat_epochs else None)
     settings = SearchSettings(target=str(cfg.target), static_batch=cfg.batch, eps=eps,
                               min_agreement=cfg.thresholds[1], max_drop=cfg.max_drop, budget=cfg.search_budget,

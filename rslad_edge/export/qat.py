@@ -3,15 +3,18 @@
 When no post-training recipe keeps parity, ``rslad-edge export --precision int8 --search --qat-epochs N`` trains the
 best one's own Q/DQ graph (ONNX Runtime's U8S8 for ``--target cpu``, S8S8 for ``trt``) through its trainable twin
 (``OnnxTwin(trainable=True)``): its int8 weights and int32 biases on the graph's own grid (rounding straight-through),
-and the float classifier's weights; activation ranges stay as calibrated. What is trained is therefore exactly what
-ONNX Runtime then runs: the trained integers are written back into the same graph (``OnnxTwin.quantized_onnx``).
+the float classifier's weights, and with ``--qat-scale-lr`` > 0 its activation scales (LSQ; each layer's bias grid
+follows its input scale). What is trained is therefore exactly what ONNX Runtime then runs: the trained integers and
+scales are written back into the same graph (``OnnxTwin.quantized_onnx``).
 
 The loss is RSLAD's with the float checkpoint as its own teacher: ``alpha * KL(F(x) || Q(x')) + (1 - alpha) *
 KL(F(x) || Q(x))``, F the float model, Q the int8 graph, x' crafted by PGD on Q (KL to F's soft labels, RSLAD's inner
 attack). The float model, not the robust teacher it was distilled from, gives the soft labels because the gate is
 parity with it (agreement, and robust accuracy within ``--max-drop`` of its own); ``--qat-alpha 0`` trains on clean
-images only (about four times cheaper). SGD with momentum, its learning rate decaying to 0 along a cosine over the
-epochs, the gradient norm clipped at 1: Adam's normalised steps move int32 biases by many grid steps at once.
+images only (about four times cheaper). Weights: SGD with momentum, its learning rate decaying to 0 along a cosine over
+the epochs, the gradient norm clipped at 1 (Adam's normalised steps move int32 biases by many grid steps at once).
+Activation scales: Adam on the log of each scale's ratio to its calibrated value, at ``--qat-scale-lr`` along the
+same cosine, so that a step changes a scale by about that fraction whatever its size.
 
 Training images are ``--qat-n`` training images after the search's splits (disjoint from calibration, search and
 confirmation). After each epoch the graph is written and its agreement measured on the search split; the best epoch
@@ -58,6 +61,7 @@ class QatSettings:
     batch_size: int = 64
     momentum: float = 0.9
     max_grad_norm: float = 1.0  # clip each step's gradient norm (an int8 graph far from its float model can diverge)
+    scale_lr: float = 1e-3  # Adam's step on the log activation scales (LSQ); 0: activation scales as calibrated
     seed: int = 0
 
     def lr_at(self, step: int, steps: int) -> float:
@@ -104,8 +108,8 @@ def train_int8(
     from rslad_edge.runtime.twin import OnnxTwin
 
     base = onnx.load(str(base_path))
-    twin = OnnxTwin(base, source=base_path.name, trainable=True)
-    optimizer = torch.optim.SGD(twin.parameters(), lr=settings.lr, momentum=settings.momentum)
+    twin = OnnxTwin(base, source=base_path.name, trainable=True, learn_scales=settings.scale_lr > 0)
+    optimizer = _Optimizers(twin, settings)
     fingerprint = {**settings.fingerprint(), "base_sha256": _sha256(base_path.read_bytes()),
                    "images_sha256": _sha256(np.ascontiguousarray(images).tobytes())}
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,7 @@ def train_int8(
     return result
 
 
-def _train_epoch(twin: torch.nn.Module, optimizer: torch.optim.Optimizer, x_all: torch.Tensor,
+def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Tensor,
                  soft_all: torch.Tensor, settings: QatSettings, epoch: int) -> tuple[float, float]:
     """One epoch over ``x_all`` in a seeded order (the same on a resume); (mean loss, median gradient norm)."""
     from rslad_edge.attacks.pgd import pgd
@@ -168,8 +172,7 @@ def _train_epoch(twin: torch.nn.Module, optimizer: torch.optim.Optimizer, x_all:
     order = torch.randperm(len(x_all), generator=generator)
     total, norms = 0.0, []
     for index in range(batches):
-        for group in optimizer.param_groups:  # cosine from --qat-lr to 0 over the epochs asked
-            group["lr"] = settings.lr_at((epoch - 1) * batches + index, settings.epochs * batches)
+        optimizer.set_lr(settings, (epoch - 1) * batches + index, settings.epochs * batches)
         chosen = order[index * settings.batch_size:(index + 1) * settings.batch_size]
         x, soft = x_all[chosen], soft_all[chosen]
         if settings.alpha > 0:
@@ -185,10 +188,45 @@ def _train_epoch(twin: torch.nn.Module, optimizer: torch.optim.Optimizer, x_all:
                 f"is saved: lower --qat-lr (now {settings.lr:g})")
         optimizer.zero_grad()
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(twin.parameters(), settings.max_grad_norm)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(optimizer.weights, settings.max_grad_norm)))
         optimizer.step()
         total += loss.item()
     return total / batches, float(np.median(norms))
+
+
+class _Optimizers:
+    """SGD for the weights, Adam for the log activation scales (when they learn), as one optimizer."""
+
+    def __init__(self, twin: Any, settings: QatSettings) -> None:
+        scales = {id(parameter) for parameter in twin.scale_parameters()}
+        self.weights = [parameter for parameter in twin.parameters() if id(parameter) not in scales]
+        self.sgd = torch.optim.SGD(self.weights, lr=settings.lr, momentum=settings.momentum)
+        self.adam = torch.optim.Adam(twin.scale_parameters(), lr=settings.scale_lr) if scales else None
+
+    def set_lr(self, settings: QatSettings, step: int, steps: int) -> None:
+        """Both along the cosine: from their rates to 0 over the epochs asked."""
+        factor = settings.lr_at(step, steps) / settings.lr
+        for optimizer, lr in ((self.sgd, settings.lr), (self.adam, settings.scale_lr)):
+            for group in optimizer.param_groups if optimizer is not None else ():
+                group["lr"] = lr * factor
+
+    def zero_grad(self) -> None:
+        for optimizer in (self.sgd, self.adam):
+            if optimizer is not None:
+                optimizer.zero_grad()
+
+    def step(self) -> None:
+        for optimizer in (self.sgd, self.adam):
+            if optimizer is not None:
+                optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sgd": self.sgd.state_dict(), **({"adam": self.adam.state_dict()} if self.adam else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sgd.load_state_dict(state["sgd"])
+        if self.adam is not None:
+            self.adam.load_state_dict(state["adam"])
 
 
 def _sha256(data: bytes) -> str:
@@ -227,4 +265,5 @@ def describe(settings: QatSettings, n: int) -> dict[str, Any]:
             "optimizer": f"SGD, momentum {settings.momentum}, cosine to 0, gradient norm clipped at "
                          f"{settings.max_grad_norm:g}", "loss": loss, "eps": settings.eps,
             "soft_labels": "the float checkpoint", "trained": "int8 weights, int32 biases, float classifier; "
-            "activation ranges as calibrated"}
+            + (f"activation scales (LSQ, Adam at {settings.scale_lr:g} on their logs)" if settings.scale_lr > 0
+               else "activation ranges as calibrated")}

@@ -141,13 +141,19 @@ class OnnxTwin(nn.Module):
     become parameters, held dequantized and quantized again on every forward on the graph's own grid (its scales and
     zero points, rounding straight-through), and so do the float weights and biases of layers the graph keeps in
     float (the classifier, layers an int8 search left in fp32): training them is quantization-aware training of
-    exactly the graph ONNX Runtime runs, and :meth:`quantized_onnx` writes them back into that graph. Activation
-    scales stay as calibrated.
+    exactly the graph ONNX Runtime runs, and :meth:`quantized_onnx` writes them back into that graph.
+
+    ``learn_scales`` (with ``trainable``): each per-tensor activation scale (the scale initializer a QuantizeLinear
+    and its DequantizeLinear share) becomes a parameter too, as in LSQ (Esser et al., 2020): held as the log of its
+    ratio to the calibrated value (0 at the start, so the twin starts as the graph), its gradient torch's learnable
+    fake-quantize gives. The int32 bias of each layer whose input scale learns stays on that layer's grid, input scale
+    x weight scale, as ONNX Runtime's int8 kernels assume; :meth:`quantized_onnx` writes the scales and the biases'
+    scales back.
     """
 
     def __init__(
         self, model: Any, *, source: str = "model", fuse_fake_quant: bool = True, trainable: bool = False,
-        round_activations: bool = True,
+        round_activations: bool = True, learn_scales: bool = False,
     ) -> None:
         super().__init__()
         import onnx
@@ -204,6 +210,11 @@ class OnnxTwin(nn.Module):
             for plan in self._nodes:
                 if plan.op_type == "FakeQuantize":
                     plan.op_type = "ClipToRange"
+        self._scales: dict[str, str] = {}  # learnable activation scale initializer -> its parameter (log ratio)
+        if learn_scales and not trainable:
+            raise ValueError("learn_scales needs trainable=True: the biases' grids follow the scales")
+        if learn_scales:
+            self._learn_scales(constants)
         needed = {name for plan in self._nodes for name in plan.inputs} | {self.output_name}
         # trainable: float weights and biases read directly by a layer (not through a DequantizeLinear)
         self._float_weights: set[str] = {
@@ -226,6 +237,9 @@ class OnnxTwin(nn.Module):
                 else:
                     self.register_buffer(attribute, value, persistent=False)
                 self._constant_attr[name] = attribute
+        self._bias_scale: dict[str, tuple[str, torch.Tensor]] = {}  # bias -> (its layer's input scale, weight scale)
+        if self._scales:
+            self._follow_input_scales()
         # Free each intermediate value after its last use: without gradients (the agreement check, predictions) a
         # ResNet-18 batch would otherwise hold every activation of the graph at once.
         last_use = {name: index for index, plan in enumerate(self._nodes) for name in plan.inputs}
@@ -266,12 +280,57 @@ class OnnxTwin(nn.Module):
             return values[name]
         if name in self._grid:
             return self._on_grid(name)[1]
+        if name in self._scales:
+            return getattr(self, f"{self._scales[name]}_calibrated") * torch.exp(getattr(self, self._scales[name]))
         return getattr(self, self._constant_attr[name])
+
+    def _learn_scales(self, constants: dict[str, torch.Tensor]) -> None:
+        """Make each per-tensor activation scale a parameter (see the class's ``learn_scales``)."""
+        for plan in self._nodes:
+            if plan.op_type == "FakeQuantize" and plan.attrs["axis"] is None and plan.attrs["scale_name"]:
+                name = plan.attrs["scale_name"]
+                plan.inputs = [plan.inputs[0], name]  # the fused op then reads its scale from the parameter
+            elif plan.op_type in ("QuantizeLinear", "DequantizeLinear") and len(plan.inputs) > 1:
+                name = plan.inputs[1]
+            else:
+                continue
+            if name in constants and constants[name].numel() == 1 and name not in self._scales:
+                attribute = f"scale_{len(self._scales)}"
+                self.register_parameter(attribute, nn.Parameter(torch.zeros(())))
+                self.register_buffer(f"{attribute}_calibrated", constants[name].float().reshape(()).clone(),
+                                     persistent=False)
+                self._scales[name] = attribute
+
+    def _follow_input_scales(self) -> None:
+        """Tie each int32 bias whose grid is (its layer's learnable input scale) x (its weight scale) to that scale."""
+        producers = {output: plan for plan in self._nodes for output in plan.outputs}
+        for plan in self._nodes:
+            if plan.op_type not in _LAYER_OPS or len(plan.inputs) < 3 or plan.inputs[2] not in self._grid:
+                continue
+            bias, weight, source = plan.inputs[2], plan.inputs[1], producers.get(plan.inputs[0])
+            if source is None or weight not in self._grid:
+                continue
+            scale_name = source.inputs[1] if source.op_type in ("FakeQuantize", "DequantizeLinear") and len(
+                source.inputs) > 1 else None
+            if scale_name not in self._scales:
+                continue
+            weight_scale = self._grid[weight][0]
+            calibrated = getattr(self, f"{self._scales[scale_name]}_calibrated")
+            if torch.allclose(calibrated * weight_scale, self._grid[bias][0].reshape(weight_scale.shape),
+                              rtol=1e-6, atol=0):
+                self._bias_scale[bias] = (scale_name, weight_scale)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        """The learnable activation scales' parameters (``learn_scales``); empty otherwise."""
+        return [getattr(self, attribute) for attribute in self._scales.values()]
 
     def _on_grid(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A trainable weight's integers (float-valued, straight-through) and their dequantized value."""
         weight = getattr(self, self._constant_attr[name])
         scale, zero, axis, low, high = self._grid[name]
+        if name in self._bias_scale:  # the bias grid follows its layer's learnable input scale
+            input_scale, weight_scale = self._bias_scale[name]
+            scale = self._value(input_scale, {}) * weight_scale.to(weight.device)
         scale = _broadcast_axis(scale.to(weight.device), weight, axis)
         zero = _broadcast_axis(zero.to(weight.device), weight, axis)
         integers = torch.clamp(_round_ste(weight / scale) + zero, low, high)
@@ -288,19 +347,24 @@ class OnnxTwin(nn.Module):
             raise ValueError("quantized_onnx needs a twin built with trainable=True from a Q/DQ graph")
         out = onnx.ModelProto()
         out.CopyFrom(model)
-        integers = {}
+        trained = {}
         with torch.no_grad():
             for name, plan in self._weights.items():
                 if name in self._grid:
-                    integers[plan.inputs[0]] = self._on_grid(name)[0].cpu().numpy()
+                    trained[plan.inputs[0]] = self._on_grid(name)[0].cpu().numpy()
+                if name in self._bias_scale:  # its grid: the input's trained scale x the weight's
+                    input_scale, weight_scale = self._bias_scale[name]
+                    trained[plan.inputs[1]] = (self._value(input_scale, {}).cpu() * weight_scale).numpy()
             for name in self._float_weights:
                 if name in self._constant_attr:
-                    integers[name] = getattr(self, self._constant_attr[name]).cpu().numpy()
+                    trained[name] = getattr(self, self._constant_attr[name]).cpu().numpy()
+            for name in self._scales:
+                trained[name] = self._value(name, {}).cpu().numpy()
         for initializer in out.graph.initializer:
-            if initializer.name in integers:
-                dtype = numpy_helper.to_array(initializer).dtype
-                initializer.CopyFrom(numpy_helper.from_array(integers[initializer.name].astype(dtype),
-                                                             initializer.name))
+            if initializer.name in trained:
+                array = numpy_helper.to_array(initializer)
+                value = trained[initializer.name].astype(array.dtype).reshape(array.shape)
+                initializer.CopyFrom(numpy_helper.from_array(value, initializer.name))
         return out
 
     def extra_repr(self) -> str:
@@ -381,8 +445,10 @@ def _fake_quant_parameters(
     if not (same_axis and torch.equal(q_scale, dq_scale) and torch.equal(q_zero.float(), dq_zero.float())):
         return None
     low, high = _QUANT_RANGES.get(quant_type.get(quantize.inputs[2], 2), (0, 255))
-    if q_scale.numel() == 1:
-        return {"scale": float(q_scale), "zero_point": int(q_zero), "range": (low, high), "axis": None}
+    if q_scale.numel() == 1:  # scale_name: the initializer both share, which learn_scales may make a parameter
+        shared = quantize.inputs[1] if quantize.inputs[1] == dequantize.inputs[1] else None
+        return {"scale": float(q_scale), "zero_point": int(q_zero), "range": (low, high), "axis": None,
+                "scale_name": shared}
     return {"scale": q_scale.float().flatten(), "zero_point": q_zero.flatten().int(), "range": (low, high),
             "axis": int(quantize.attrs.get("axis", 1))}
 
@@ -527,6 +593,9 @@ def _fake_quantize(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
     x = inputs[0]
     attrs = plan.attrs
     low, high = attrs["range"]
+    if len(inputs) > 1:  # a learnable scale (OnnxTwin's learn_scales): LSQ's gradient for it
+        zero_point = torch.full((1,), float(attrs["zero_point"]), device=x.device)
+        return [torch._fake_quantize_learnable_per_tensor_affine(x, inputs[1].reshape(1), zero_point, low, high, 1.0)]
     if attrs["axis"] is None:
         return [torch.fake_quantize_per_tensor_affine(x, attrs["scale"], attrs["zero_point"], low, high)]
     scale, zero_point = attrs["scale"].to(x.device), attrs["zero_point"].to(x.device)
@@ -537,12 +606,11 @@ def _clip_to_range(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
     """A FakeQuantize without its rounding: ``x`` clipped to the range the quantized tensor can represent."""
     x, attrs = inputs[0], plan.attrs
     low, high = attrs["range"]
-    scale, zero_point = attrs["scale"], attrs["zero_point"]
+    scale = torch.as_tensor(attrs["scale"], dtype=x.dtype, device=x.device)
+    zero_point = torch.as_tensor(attrs["zero_point"], device=x.device).to(x.dtype)
     if attrs["axis"] is not None:
-        scale = _broadcast_axis(scale.to(x.device), x, attrs["axis"])
-        zero_point = _broadcast_axis(zero_point.to(x.device).float(), x, attrs["axis"])
-    return [torch.minimum(torch.maximum(x, (low - zero_point) * scale), (high - zero_point) * scale)
-            if attrs["axis"] is not None else x.clamp((low - zero_point) * scale, (high - zero_point) * scale)]
+        scale, zero_point = (_broadcast_axis(value, x, attrs["axis"]) for value in (scale, zero_point))
+    return [torch.minimum(torch.maximum(x, (low - zero_point) * scale), (high - zero_point) * scale)]
 
 
 def _batch_norm(plan: _Node, inputs: list, _: dict) -> list[torch.Tensor]:
