@@ -130,6 +130,9 @@ class ExportConfig:
     confirm_n: int = option(1000, help="--search: training images that confirm a candidate (disjoint from the rest; "
                                        "1,000 bound 97% agreement to within about 1 point).")
     max_drop: float = option(1.0, metavar="PP", help="--search: robust accuracy a candidate may lose, in points.")
+    min_speedup: float = option(
+        1.0, metavar="X", help="--search: a candidate must run at least X times as fast as the fp32 ONNX at batch 64 "
+        "on this machine, else it is not judged (float layers between int8 ones add conversions); 0: any speed.")
     eps: float | str | None = option(
         None, default_text="the checkpoint's training eps, else 8/255",
         help="--search: L-inf budget of its PGD, in pixel units (8/255).")
@@ -230,6 +233,9 @@ class ExportConfig:
                              f"{self.qat_scale_lr:g}")
         if not 0.0 <= self.qat_alpha <= 1.0:
             raise UsageError(f"--qat-alpha is a weight in [0, 1] (RSLAD's 5/6; 0: clean only), got {self.qat_alpha:g}")
+        if not self.min_speedup >= 0:
+            raise UsageError(f"--min-speedup is a ratio to the fp32 ONNX's speed (1: faster; 0: any), got "
+                             f"{self.min_speedup:g}")
         if self.max_drop < 0:
             raise UsageError(f"--max-drop is a bound in points and must be >= 0, got {self.max_drop:g}")
         if self.eps is not None:

@@ -443,7 +443,7 @@ def _search(cfg: ExportConfig, model: torch.nn.Module, info: dict[str, Any], fp3
            if cfg.qat_epochs else None)
     settings = SearchSettings(target=str(cfg.target), static_batch=cfg.batch, eps=eps,
                               min_agreement=cfg.thresholds[1], max_drop=cfg.max_drop, budget=cfg.search_budget,
-                              seed=cfg.seed, qat=qat)
+                              seed=cfg.seed, qat=qat, min_speedup=cfg.min_speedup)
     result = search_int8(fp32_path, model.eval(), data.calib_images, *data.search_splits, settings, workdir,
                          qat_images=data.qat_images, qat_state=qat_state_dir(cfg))
     if result.chosen is None:

@@ -10,7 +10,8 @@ Candidates, in order (``--search-budget`` of them at most):
    without VNNI can saturate on full-range weights);
 2. with ``--qat-epochs N``: the best of those, trained for N epochs by quantization-aware training of its own
    graph (export/qat.py): still every layer in int8, so as fast as the first candidates;
-3. the best all-int8 recipe with its most sensitive layers in float32 (1, 2, 4, 8, ... of them; :func:`keep_float`).
+3. the best all-int8 recipe with its most sensitive layers in float32 (1, 2, 4, 8, ... of them, never all: that
+   would be the fp32 model with extra conversions; :func:`keep_float`).
    Sensitivity is robustness-aware: the KL divergence from the float model's predictions, on clean images and on
    PGD examples crafted on the float model, that keeping one layer in float32 removes (measured with ONNX Runtime
    on the candidate's own graph, one layer at a time).
@@ -27,7 +28,10 @@ candidate that passes it faces the confirmation split, whose verdict ships it. T
   overstate it. The float model faces PGD white-box. Every attack is judged by ONNX Runtime's predictions.
 
 Latency at batch 1 and 64 is measured for every candidate on this machine, for the trade-off table (sidecar,
-``search``). No candidate passing: the best one is kept under a name that says so (exit 3).
+``search``); a candidate less than ``--min-speedup`` times as fast as the fp32 ONNX at batch 64 (1 by default: not
+faster) is not judged: float layers between int8 ones add conversions, and a slower "int8" artifact is worth less
+than the exact fp32 one. No candidate passing: the
+best one is kept under a name that says so (exit 3).
 """
 
 from __future__ import annotations
@@ -234,6 +238,7 @@ class SearchSettings:
     seed: int
     threads: int | None = None
     qat: QatSettings | None = None  # None: no QAT candidate
+    min_speedup: float = 1.0  # a candidate's speed at batch 64 over the fp32 ONNX's, at least (0: any)
 
     @property
     def attack(self) -> AttackSpec:
@@ -251,13 +256,11 @@ def first_recipes(target: str) -> list[Recipe]:
 
 
 def fallback_counts(layers: int) -> Iterator[int]:
-    """1, 2, 4, ... layers in float32, then all of them."""
+    """1, 2, 4, ... layers in float32, fewer than all of them (all in float32 is the fp32 model, slower)."""
     count = 1
     while count < layers:
         yield count
         count *= 2
-    if layers:
-        yield layers
 
 
 def search_int8(
@@ -300,7 +303,7 @@ def search_int8(
 
     def attempt(recipe: Recipe, built: tuple[Path, dict[str, Any]] | None = None) -> bool:
         path, info = built or build(recipe)
-        candidate = _try(recipe, path, search, confirmation, settings)
+        candidate = _try(recipe, path, search, confirmation, settings, fp32_ms=result.settings["fp32_latency_ms"])
         candidate.path, candidate.quant_info = path, info
         candidate.seconds = time.perf_counter() - started - sum(c.seconds for c in result.candidates)
         result.candidates.append(candidate)
@@ -334,13 +337,21 @@ def search_int8(
     return result
 
 
-def _try(recipe: Recipe, path: Path, search: Split, confirmation: Split, settings: SearchSettings) -> Candidate:
-    """Judge one candidate: cheap checks first, the confirmation split only for what passed the search split."""
+def _try(recipe: Recipe, path: Path, search: Split, confirmation: Split, settings: SearchSettings, *,
+         fp32_ms: dict[str, float]) -> Candidate:
+    """Judge one candidate: cheap checks first (speed against the fp32 ONNX's ``fp32_ms``, agreement), the
+    confirmation split only for what passed the search split."""
     from rslad_edge.runtime import OnnxRunner
 
     candidate = Candidate(recipe)
     runner = OnnxRunner(path, device="cpu", threads=settings.threads)
     candidate.latency_ms = _latency(runner, search.images)
+    batch = max(LATENCY_BATCHES)
+    speedup = fp32_ms[str(batch)] / candidate.latency_ms[batch]
+    if settings.min_speedup > 0 and speedup < settings.min_speedup:
+        candidate.verdict = (f"{speedup:.2f}x fp32's speed < --min-speedup {settings.min_speedup:g} "
+                             f"({candidate.latency_ms[batch]:.1f} vs {fp32_ms[str(batch)]:.1f} ms at batch {batch})")
+        return candidate
     threshold = settings.min_agreement
     for split, slot in ((search, "search"), (confirmation, "confirmation")):
         logits = runner.predict(split.images)  # (N, classes): shared by the agreement and the robustness check

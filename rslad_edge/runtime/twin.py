@@ -27,7 +27,7 @@ largest logit difference on the images it will be used on, every time (verify re
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,6 +263,14 @@ class OnnxTwin(nn.Module):
         return any(name in self._half for name in plan.inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) float32 in [0, 1]
+        return self._execute(x, ())[self.output_name].float()
+
+    def trace(self, x: torch.Tensor, names: Collection[str]) -> dict[str, torch.Tensor]:
+        """The graph's intermediate values ``names`` on ``x`` (a diagnosis: compare them with a runtime's)."""
+        values = self._execute(x, set(names))
+        return {name: values[name] for name in names}
+
+    def _execute(self, x: torch.Tensor, keep: Collection[str]) -> dict[str, torch.Tensor]:
         values: dict[str, torch.Tensor] = {self.input_name: x}
         for plan, released in zip(self._nodes, self._release, strict=True):
             arguments = [self._value(name, values) for name in plan.inputs]
@@ -270,8 +278,10 @@ class OnnxTwin(nn.Module):
             for name, value in zip(plan.outputs, outputs, strict=False):
                 values[name] = _round_half(value) if plan.half_output and value.is_floating_point() else value
             for name in released:
-                values.pop(name, None)
-        return self._value(self.output_name, values).float()
+                if name not in keep:
+                    values.pop(name, None)
+        values[self.output_name] = self._value(self.output_name, values)
+        return values
 
     def _value(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not name:
