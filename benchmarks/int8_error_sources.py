@@ -110,9 +110,9 @@ def implementation_noise(args: argparse.Namespace, graph: onnx.ModelProto, x: to
     print(line("ONNX Runtime, optimizations off, vs the checkpoint", spec.argmax(1), reference))
     print(line("ONNX Runtime fused vs optimizations off", runtime.argmax(1), spec.argmax(1)))
     print(line("twin vs ONNX Runtime, optimizations off", twin.argmax(1), spec.argmax(1)))
-    constants = {initializer.name: initializer for initializer in graph.initializer}
+    constants = {initializer.name: initializer for initializer in graph.graph.initializer}
     activations = [(node.output[0], float(numpy_helper.to_array(constants[node.input[1]])))
-                   for node in graph.node if node.op_type == "DequantizeLinear" and node.input[0] not in constants
+                   for node in graph.graph.node if node.op_type == "DequantizeLinear" and node.input[0] not in constants
                    and node.input[1] in constants and constants[node.input[1]].dims == []]
     traced = onnx.ModelProto()
     traced.CopyFrom(graph)
