@@ -51,8 +51,9 @@ def untrusted_twin_warning(label: str, agreement: TwinAgreement) -> str | None:
         return None
     return (f"{label}: its differentiable twin agrees with it on only {agreement.agreement:.1%} of {agreement.n} "
             f"images (max |logit difference| {agreement.max_abs_logit_diff:.3g}; trusted from "
-            f"{agreement.threshold:.0%}): the white-box columns are crafted on gradients of another function, so "
-            "they are upper bounds; the twin does not compute what the artifact computes")
+            f"{agreement.threshold:.0%}): the white-box columns may be crafted on gradients of another function, so "
+            "they are upper bounds (an int8 graph whose predictions change with float rounding order parts from its "
+            "twin this way too: benchmarks/int8_error_sources.py tells)")
 
 
 def zero_gradient_warning(model: Model, x: torch.Tensor, y: torch.Tensor) -> str | None:
