@@ -277,3 +277,19 @@ def test_a_twin_that_learns_activation_scales_keeps_each_bias_on_its_layers_grid
     onnx.save(trained, str(path))
     with torch.no_grad():
         assert (twin(x) - _ort_logits(path, x)).abs().max() <= TOLERANCE[precision]
+
+
+def test_a_bias_off_its_layers_grid_keeps_that_input_scale_as_calibrated(tiny_exports, caplog):
+    """int8 kernels take a bias as input scale x weight scale: a bias whose own scale says otherwise cannot follow a
+    learned input scale, so that scale does not learn (with a warning naming the layer)."""
+    model = onnx.load(str(tiny_exports["int8"]))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    layer = next(node for node in model.graph.node if node.op_type == "Conv" and len(node.input) > 2)
+    bias_scale = producers[layer.input[2]].input[1]
+    initializer = next(i for i in model.graph.initializer if i.name == bias_scale)
+    initializer.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(initializer) * 2, bias_scale))
+    with caplog.at_level("WARNING", logger="rslad_edge.runtime.twin"):
+        twin = OnnxTwin(model, trainable=True, learn_scales=True)
+    assert f"the bias of {layer.name} is not on input scale x weight scale" in caplog.text
+    frozen = [p for p in twin.scale_parameters() if not p.requires_grad]
+    assert len(frozen) == 1 and len(twin.scale_parameters()) > 1

@@ -329,6 +329,10 @@ class OnnxTwin(nn.Module):
             if torch.allclose(calibrated * weight_scale, self._grid[bias][0].reshape(weight_scale.shape),
                               rtol=1e-6, atol=0):
                 self._bias_scale[bias] = (scale_name, weight_scale)
+            else:  # a bias on a grid of its own: int8 kernels would not follow a learned input scale, so it stays
+                getattr(self, self._scales[scale_name]).requires_grad_(False)
+                logger.warning("twin of %s: the bias of %s is not on input scale x weight scale; its input scale "
+                               "stays as calibrated", Path(self.source).name, plan.name)
 
     def scale_parameters(self) -> list[nn.Parameter]:
         """The learnable activation scales' parameters (``learn_scales``); empty otherwise."""
