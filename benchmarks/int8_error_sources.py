@@ -119,8 +119,9 @@ def implementation_noise(args: argparse.Namespace, graph: onnx.ModelProto, x: to
     for output, _ in activations:
         traced.graph.output.append(onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     sample = x[:args.trace_n]
-    reference_values = dict(zip([o.name for o in _session(traced, args.threads).get_outputs()],
-                                _session(traced, args.threads).run(None, {name: sample.numpy()}), strict=True))
+    tracing = _session(traced, args.threads)
+    reference_values = dict(zip([o.name for o in tracing.get_outputs()],
+                                tracing.run(None, {name: sample.numpy()}), strict=True))
     with torch.no_grad():
         twin_values = OnnxTwin(graph).trace(sample, [output for output, _ in activations])
     shares = [float((np.abs(twin_values[output].numpy() - reference_values[output]) >= 0.5 * scale).mean())

@@ -195,38 +195,37 @@ def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Ten
 
 
 class _Optimizers:
-    """SGD for the weights, Adam for the log activation scales (when they learn), as one optimizer."""
+    """SGD for the weights, Adam for the log activation scales (when they learn), stepped as one optimizer."""
 
     def __init__(self, twin: Any, settings: QatSettings) -> None:
-        scales = {id(parameter) for parameter in twin.scale_parameters()}
-        self.weights = [parameter for parameter in twin.parameters() if id(parameter) not in scales]
-        self.sgd = torch.optim.SGD(self.weights, lr=settings.lr, momentum=settings.momentum)
-        self.adam = torch.optim.Adam(twin.scale_parameters(), lr=settings.scale_lr) if scales else None
+        scales = twin.scale_parameters()
+        self.weights = [parameter for parameter in twin.parameters() if all(parameter is not s for s in scales)]
+        self.rates: list[tuple[torch.optim.Optimizer, float]] = [
+            (torch.optim.SGD(self.weights, lr=settings.lr, momentum=settings.momentum), settings.lr)]
+        if scales:
+            self.rates.append((torch.optim.Adam(scales, lr=settings.scale_lr), settings.scale_lr))
 
     def set_lr(self, settings: QatSettings, step: int, steps: int) -> None:
-        """Both along the cosine: from their rates to 0 over the epochs asked."""
+        """Each along the cosine: from its rate to 0 over the epochs asked."""
         factor = settings.lr_at(step, steps) / settings.lr
-        for optimizer, lr in ((self.sgd, settings.lr), (self.adam, settings.scale_lr)):
-            for group in optimizer.param_groups if optimizer is not None else ():
+        for optimizer, lr in self.rates:
+            for group in optimizer.param_groups:
                 group["lr"] = lr * factor
 
     def zero_grad(self) -> None:
-        for optimizer in (self.sgd, self.adam):
-            if optimizer is not None:
-                optimizer.zero_grad()
+        for optimizer, _ in self.rates:
+            optimizer.zero_grad()
 
     def step(self) -> None:
-        for optimizer in (self.sgd, self.adam):
-            if optimizer is not None:
-                optimizer.step()
+        for optimizer, _ in self.rates:
+            optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sgd": self.sgd.state_dict(), **({"adam": self.adam.state_dict()} if self.adam else {})}
+        return {"optimizers": [optimizer.state_dict() for optimizer, _ in self.rates]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sgd.load_state_dict(state["sgd"])
-        if self.adam is not None:
-            self.adam.load_state_dict(state["adam"])
+        for (optimizer, _), saved in zip(self.rates, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
 
 
 def _sha256(data: bytes) -> str:

@@ -30,8 +30,7 @@ candidate that passes it faces the confirmation split, whose verdict ships it. T
 Latency at batch 1 and 64 is measured for every candidate on this machine, for the trade-off table (sidecar,
 ``search``); a candidate less than ``--min-speedup`` times as fast as the fp32 ONNX at batch 64 (1 by default: not
 faster) is not judged: float layers between int8 ones add conversions, and a slower "int8" artifact is worth less
-than the exact fp32 one. No candidate passing: the
-best one is kept under a name that says so (exit 3).
+than the exact fp32 one. No candidate passing: the best one is kept under a name that says so (exit 3).
 """
 
 from __future__ import annotations
