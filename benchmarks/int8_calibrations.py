@@ -62,7 +62,8 @@ def measure_agreement(path: Path, reference_logits: np.ndarray, images: np.ndarr
             "median_abs_logit_diff": float(np.median(np.abs(logits - reference_logits)))}
 
 
-def measure_robust(path: Path, args: argparse.Namespace, reference_rows: dict[str, Any]) -> dict[str, Any]:
+def measure_robust(path: Path, args: argparse.Namespace, reference_rows: dict[bool, Any]) -> dict[str, Any]:
+    """verify against the checkpoint; ``reference_rows``: the checkpoint's own rows by is-a-.pte, reused."""
     from rslad_edge.verify import VerifyConfig, verify_artifact
     from rslad_edge.verify.report import WORST_CASE_ROW
 

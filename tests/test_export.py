@@ -197,7 +197,7 @@ def _activation_scales(path) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_int8_entropy_calibration_clips_ranges_that_minmax_keeps(checkpoint, tmp_path, int8_cpu):
+def test_int8_entropy_calibration_ranges_are_never_wider_than_minmax(checkpoint, tmp_path, int8_cpu):
     # ORT's quantize_static entropy default degenerates to min / max; ours computes ranges of its own, never wider.
     entropy = export(config(checkpoint, tmp_path, precision="int8", calib_method="entropy", min_agreement=0.5))
     assert entropy.parity.passed and entropy.metadata["quantization"]["calib_method"] == "entropy"

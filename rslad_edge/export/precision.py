@@ -299,8 +299,7 @@ def _entropy_ranges(model_path: Path, reader: Any, symmetric: bool, workdir: Pat
 
     calibrator = create_calibrator(
         model_path, None, augmented_model_path=str(workdir / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS, "symmetric": symmetric},
+        calibrate_method=CalibrationMethod.Entropy, extra_options={"num_bins": ENTROPY_BINS, "symmetric": symmetric},
     )
     calibrator.collect_data(reader)
     overrides = {}
@@ -312,12 +311,11 @@ def _entropy_ranges(model_path: Path, reader: Any, symmetric: bool, workdir: Pat
             hist[len(hist) // 2] = hist[len(hist) // 2 + 1]
         # uint8 spends its 256 codes on [0, t] for a tensor that is never negative: 8 bits over half the histogram
         bins = 2 * ENTROPY_QUANTIZED_BINS if one_sided and not symmetric else ENTROPY_QUANTIZED_BINS
-        low, high = (float(v) for v in calibrator.collector.get_entropy_threshold((hist, edges, seen_min, seen_max),
-                                                                                   bins))
-        seen_min, seen_max = float(seen_min), float(seen_max)
+        threshold = calibrator.collector.get_entropy_threshold((hist, edges, seen_min, seen_max), bins)
         # The threshold t gives a range (-t, t); clamp it to what was observed, or a ReLU output (never below 0)
         # would spend half of its uint8 codes on negative values.
-        low, high = max(low, min(seen_min, 0.0)), min(high, max(seen_max, 0.0))
+        low = max(float(threshold[0]), min(float(seen_min), 0.0))
+        high = min(float(threshold[1]), max(float(seen_max), 0.0))
         overrides[name] = [{"rmin": np.array(low, dtype=np.float32), "rmax": np.array(high, dtype=np.float32)}]
     return overrides
 
