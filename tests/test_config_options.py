@@ -122,6 +122,11 @@ def test_pipeline_search_and_its_qat_apply_to_the_int8_exports_only(tmp_path):
     cfg = check_pipeline_config(sections, tmp_path)
     assert [(e.precision, e.search, e.search_budget, e.qat_epochs) for e in cfg.exports] == [
         ("fp32", False, 3, 0), ("int8", True, 3, 2)]
+    phones = check_pipeline_config(load_pipeline_config("smoke", overrides={"export": {
+        "formats": ["onnx", "executorch"], "search": True, "qat-epochs": 2}}), tmp_path / "phones")
+    assert [(e.format, e.precision, e.search, e.qat_epochs) for e in phones.exports] == [
+        ("onnx", "fp32", False, 0), ("onnx", "int8", True, 2), ("executorch", "fp32", False, 0),
+        ("executorch", "int8", True, 0)]  # a .pte is searched too; QAT trains ONNX graphs only
     for preset in ("cifar10-rslad", "cifar100-rslad"):
         assert load_pipeline_config(preset)["export"]["search"] is True
         assert load_pipeline_config(preset)["export"]["qat_epochs"] > 0

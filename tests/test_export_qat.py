@@ -162,7 +162,8 @@ def test_the_search_tries_qat_after_the_all_int8_recipes_and_keeps_its_state_whe
     budget = len(first_recipes("cpu")) + 1
     args = ["export", str(broken_int8["checkpoint"]), "--out", str(tmp_path), "--precision", "int8", "--search",
             "--search-budget", str(budget), "--calib-n", "128", "--search-n", "100", "--confirm-n", "100",
-            "--qat-epochs", "1", "--qat-n", "128", "--qat-alpha", "0", "--min-agreement", "0.9"]
+            "--qat-epochs", "1", "--qat-n", "128", "--qat-alpha", "0", "--min-agreement", "0.9",
+            "--min-speedup", "0"]  # every candidate judged: on this toy a busy machine's timings may rank them
     result = runner.invoke(app, args)
     assert result.exit_code == 3, result.output
     metadata = json.loads((tmp_path / "student.int8.failed-gate.onnx.json").read_text())

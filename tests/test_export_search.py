@@ -1,5 +1,6 @@
-"""export --precision int8 --search: a model whose default int8 fails on purpose is rescued; a passing one costs one
-candidate; a gate nothing meets keeps the best under a failed-gate name (exit 3); bad flags are one line (exit 2).
+"""export --precision int8 --search (ONNX, and .pte with --format executorch): a model whose default int8 fails on
+purpose is rescued; a passing one costs one candidate; a gate nothing meets keeps the best under a failed-gate name
+(exit 3); bad flags are one line (exit 2).
 
 The failing model is function-preserving: one BatchNorm channel of a ridge-fitted smallcnn scaled up 100x and the
 next convolution's weights for that channel scaled down 100x. The float model computes the same function, but the
@@ -22,6 +23,7 @@ from rslad_edge.export.precision import keep_float, quantizable_nodes, quantize_
 from rslad_edge.export.search import SearchFailedError, fallback_counts, first_recipes
 from rslad_edge.models import save_checkpoint
 from rslad_edge.runtime import OnnxRunner
+from rslad_edge.runtime.executorch_runner import MOBILE_EXTRA, executorch_missing
 from rslad_edge.runtime.twin import OnnxTwin
 
 runner = CliRunner()
@@ -174,3 +176,89 @@ def test_test_images_may_refute_a_searched_recipe_but_not_re_decide_it_near_the_
     assert near.passed and 0.97 < near.agreement_high < 0.98  # its interval reaches 97%: not refuted
     refuted = agreeing(230, "not contradicted")  # 89.8%: the interval stops short of 97%
     assert not refuted.passed and "95% interval up to" in refuted.failures[0]
+
+
+# --format executorch: the same search over .pte programs (PT2E with the XNNPACK quantizer; the mobile extra).
+needs_executorch = pytest.mark.skipif(executorch_missing() is not None,
+                                      reason=f"ExecuTorch is not installed (the mobile extra: {MOBILE_EXTRA})")
+
+
+@needs_executorch
+def test_a_pte_layer_left_in_float_is_what_its_twin_predicts_and_repairs_the_outlier(tmp_path):
+    """The .pte's twin (its calibrated PT2E graph with fake quantization) emulates the program ExecuTorch runs; the
+    group of the conv after the outlier channel takes in the conv, ReLU and MaxPool that make its input (else that
+    input stays rounded by their annotation), and the twin's probe of that group predicts the program built with
+    it in float."""
+    from rslad_edge.export.executorch_export import fake_quantized, float_groups, layers_in_float, torch_to_pte
+    from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+    model = outlier_model().eval()
+    calib = to_float(load_sample("shapes", None, "train", 128, 0).read()).numpy()
+    x = to_float(load_sample("shapes", None, "test", 256, 0).read()).numpy()
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy().argmax(1)
+
+    def run(float_nodes=()):
+        program = torch_to_pte(model, (3, 32, 32), batch=1, precision="int8", calib_images=calib,
+                               float_nodes=float_nodes)
+        path = tmp_path / f"{len(float_nodes)}.pte"
+        path.write_bytes(program.data)
+        assert program.delegation["outside_nodes"] == {}  # float nodes run in XNNPACK too
+        return ExecuTorchRunner(path).predict(x).argmax(1), fake_quantized(program.calibrated)
+
+    default, twin = run()
+    with torch.no_grad():
+        assert (twin(torch.from_numpy(x)).numpy().argmax(1) == default).mean() >= 0.98
+    assert (default == reference).mean() < 0.5  # the default int8 fails: the outlier's range rounds the rest
+    groups = float_groups(twin)
+    assert list(groups) == ["features.0", "features.3", "features.7", "features.11"]  # the classifier is float
+    assert groups["features.0"] == ("conv2d",)  # reads the graph's input
+    assert groups["features.7"] == ("conv2d_2", "max_pool2d", "relu_1", "conv2d_1")
+    with torch.no_grad(), layers_in_float(twin, groups["features.7"]) as probe:
+        predicted = probe(torch.from_numpy(x)).numpy().argmax(1)
+    rescued, _ = run(groups["features.7"])
+    assert (predicted == rescued).mean() >= 0.95
+    assert (rescued == reference).mean() > (default == reference).mean() + 0.4
+
+
+@needs_executorch
+@pytest.mark.slow  # 50 s: four programs lowered, PGD through the twin on both splits
+def test_search_rescues_the_outlier_model_as_a_pte(checkpoints, tmp_path):
+    result = export(ExportConfig(checkpoint=checkpoints["outlier"], out=tmp_path, format="executorch", **SEARCH,
+                                 min_speedup=0))
+    search = result.metadata["quantization"]["search"]
+    assert search["format"] == "executorch"
+    chosen = search["candidates"][search["chosen"]]
+    assert [c["label"] for c in search["candidates"][:3]] == ["minmax", "histogram", "minmax per-tensor"]
+    assert chosen["passed"] and chosen["recipe"]["float_nodes"] == ["features.7"]
+    assert search["sensitivity"][0][0] == "features.7"
+    assert chosen["confirmation"]["twin_agreement"] >= 0.95  # judged white-box through its twin too
+    assert result.parity.passed and result.parity.agreement >= 0.9
+    assert result.path.name == "student.int8.pte"
+    assert result.metadata["quantization"]["float_nodes"][1].startswith("features.7 (fp32, graph nodes conv2d_2")
+    assert json.loads((tmp_path / "student.int8.pte.json").read_text())["quantization"]["search"] == search
+
+
+@needs_executorch
+def test_a_pte_gate_nothing_meets_keeps_the_best_under_a_failed_gate_name(checkpoints, tmp_path):
+    (tmp_path / "student.int8.pte").write_text("stale")
+    args = ["export", str(checkpoints["outlier"]), "--out", str(tmp_path), "--format", "executorch", "--precision",
+            "int8", "--search", "--search-budget", "1", "--calib-n", "128", "--search-n", "100", "--confirm-n", "100",
+            "--min-agreement", "0.9"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output
+    assert "no int8 recipe passed the gate in 1 candidate(s)" in result.output
+    assert not (tmp_path / "student.int8.pte").exists()
+    metadata = json.loads((tmp_path / "student.int8.failed-gate.pte.json").read_text())
+    assert metadata["gate"] == "failed" and metadata["quantization"]["search"]["format"] == "executorch"
+    from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+    assert ExecuTorchRunner(tmp_path / "student.int8.failed-gate.pte").predict(
+        np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+
+
+def test_qat_is_refused_for_a_pte_in_one_line(checkpoints):
+    result = runner.invoke(app, ["export", str(checkpoints["plain"]), "--format", "executorch", "--precision", "int8",
+                                 "--search", "--qat-epochs", "2"])
+    assert result.exit_code == 2, result.output
+    assert "--qat-epochs trains ONNX int8 graphs" in result.output and len(result.output.strip().splitlines()) == 1

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,16 @@ def cifar10(tmp_path_factory) -> Path:
         pytest.skip("no CIFAR-10 folder and no ../shared/data/cifar10-jpeg.tar.gz")
     root = tmp_path_factory.mktemp("cifar")
     with tarfile.open(archive) as tar:
-        members, train_taken = [], 0
+        members, train_taken = [], Counter()  # 200 train images per class (the archive is ordered by class)
         for member in tar.getmembers():
             name = member.name.removeprefix("./")
             if name.startswith("cifar10/test/"):
                 members.append(member)
-            elif name.startswith("cifar10/train/") and member.isfile() and train_taken < 2000:
-                members.append(member)
-                train_taken += 1
+            elif name.startswith("cifar10/train/") and member.isfile():
+                label = name.split("/")[2]
+                if train_taken[label] < 200:
+                    members.append(member)
+                    train_taken[label] += 1
         tar.extractall(root, members=members, filter="data")
     return root / "cifar10"
 

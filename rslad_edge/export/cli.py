@@ -71,7 +71,7 @@ def export_command(
                       f"{parity.torch_accuracy:.2%} / {parity.artifact_accuracy:.2%}",
                       f"{written.path.stat().st_size / 2**20:.1f}")
     console.print(table)
-    search = (result.onnx.metadata.get("quantization") or {}).get("search") if result.onnx else None
+    search = (result.written[0].metadata.get("quantization") or {}).get("search")
     if search is not None:
         console.print(search_table(search))
     sidecars = ", ".join(str(written.sidecar) for written in result.written)

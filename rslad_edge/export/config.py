@@ -123,7 +123,7 @@ class ExportConfig:
         help="int8: try quantization recipes, fastest first (every layer int8 with each calibration, then the most "
         "sensitive layers in fp32), and ship the first that passes the gate on held-out training images: agreement's "
         "lower 95% bound >= --min-agreement and robust drop <= --max-drop (PGD through the twin and transferred "
-        "from the float model). None passing: the best is kept as NAME.int8.failed-gate.onnx, exit 3.")
+        "from the float model). None passing: the best is kept as NAME.int8.failed-gate.onnx (.pte), exit 3.")
     search_budget: int = option(12, metavar="N", help="--search: candidates to try at most.")
     search_n: int = option(500, help="--search: training images that screen each candidate (a seeded split, "
                                      "disjoint from calibration).")
@@ -131,7 +131,7 @@ class ExportConfig:
                                        "1,000 bound 97% agreement to within about 1 point).")
     max_drop: float = option(1.0, metavar="PP", help="--search: robust accuracy a candidate may lose, in points.")
     min_speedup: float = option(
-        1.0, metavar="X", help="--search: a candidate must run at least X times as fast as the fp32 ONNX at batch 64 "
+        1.0, metavar="X", help="--search: a candidate must run at least X times as fast as the fp32 model at batch 64 "
         "on this machine, else it is not judged (float layers between int8 ones add conversions); 0: any speed.")
     eps: float | str | None = option(
         None, default_text="the checkpoint's training eps, else 8/255",
@@ -215,9 +215,9 @@ class ExportConfig:
         if self.search and self.precision != "int8":
             raise UsageError(f"--search looks for an int8 recipe; --precision is {self.precision}: drop --search or "
                              "use --precision int8")
-        if self.search and self.format == "executorch":
-            raise UsageError("--search covers the ONNX int8 formats (--format onnx, ort, trt); it does not search "
-                             ".pte recipes yet")
+        if self.qat_epochs and self.format == "executorch":
+            raise UsageError("--qat-epochs trains ONNX int8 graphs (--format onnx, ort, trt); a .pte's --search has "
+                             "no QAT candidate: drop --qat-epochs")
         for flag, value in (("--search-budget", self.search_budget), ("--search-n", self.search_n),
                             ("--confirm-n", self.confirm_n), ("--qat-n", self.qat_n)):
             if value < 1:

@@ -5,9 +5,10 @@ calibration, ``convert_pt2e``, ``torch.export`` again) -> ``to_edge_transform_an
 [XnnpackPartitioner()])`` -> ``to_executorch()``. ExecuTorch and torchao come with the ``mobile`` extra and are
 imported here only, inside the functions.
 
-The program is static in the batch: torch.export specialises the example's batch size (calibrating at another
-size fails a shape guard), so the batch is chosen at export (1 by default) and recorded in the sidecar; the runner
-splits and pads other batches.
+The program is static in the batch: the batch is chosen at export (1 by default) and recorded in the sidecar; the
+runner splits and pads other batches. int8 calibration runs on a program whose batch is dynamic (batches of
+CALIB_BATCH, every image used), and the converted graph is exported again at the program's batch; the calibrated
+graph also gives the int8 program's differentiable twin (:func:`fake_quantized`), which the int8 search attacks.
 
 int8 follows our ONNX int8 where the formats allow: per-channel symmetric int8 weights, static int8 activations
 calibrated on training images, and the classifier (the layer that computes the logits) left in float, for the
@@ -20,6 +21,7 @@ own default, a HistogramObserver, gave 98.0% and clipped: max |logit diff| 1.01 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import logging
@@ -37,6 +39,7 @@ from rslad_edge.runtime.executorch_runner import BACKEND_NAMES, quiet_imports, r
 
 logger = logging.getLogger(__name__)
 
+CALIB_BATCH = 64  # images per calibration batch
 LOWERING = "torch.export -> executorch.exir.to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch"
 
 
@@ -47,35 +50,41 @@ class PteProgram:
     data: bytes  # the .pte file's bytes
     delegation: dict[str, Any]  # node counts in and out of the delegates, and the program's own calls
     quantization: dict[str, Any] | None  # None for fp32
+    calibrated: torch.fx.GraphModule | None = None  # int8: the calibrated PT2E graph (fake_quantized: its twin)
 
 
 def torch_to_pte(
     model: nn.Module, input_shape: tuple[int, int, int], *, batch: int, precision: str, arch: str = "model",
-    calib_images: np.ndarray | None = None, calib_method: str = "minmax",
+    calib_images: np.ndarray | None = None, calib_method: str = "minmax", per_channel: bool = True,
+    float_nodes: tuple[str, ...] = (),
 ) -> PteProgram:
     """Export ``model`` (eval mode, float32 CPU) for batches of ``batch`` to a ``.pte`` lowered to XNNPACK.
 
-    ``precision`` int8 needs ``calib_images``: float32 (N, C, H, W) in [0, 1] training images, run in batches of
-    ``batch`` (a remainder that does not fill one is dropped). ``calib_method``: minmax or histogram (the
-    activation observer).
+    ``precision`` int8 needs ``calib_images``: float32 (N, C, H, W) in [0, 1] training images. ``calib_method``:
+    minmax or histogram (the activation observer); ``per_channel``: per-channel int8 weights (else per tensor);
+    ``float_nodes``: nodes of the exported graph the quantizer leaves in float32, besides the classifier (a group
+    of :func:`float_groups`).
     """
     model = model.eval().float().cpu()
     example = (torch.rand(batch, *input_shape),)
-    quantization = None
+    quantization, calibrated = None, None
     try:
         with _quiet(), torch.no_grad():
-            program = torch.export.export(model, example)
             if precision == "int8":
                 if calib_images is None:
                     raise ExportError("int8 needs calibration images")
-                program, quantization = _quantize(program, model, example, calib_images, calib_method, batch)
+                quantized = _quantize(model, example, calib_images, calib_method, per_channel, float_nodes)
+                program, quantization, calibrated = (torch.export.export(quantized.converted, example),
+                                                     quantized.info, quantized.calibrated)
+            else:
+                program = torch.export.export(model, example)
             lowered, delegation = _lower(program)
     except ExportError:
         raise
     except Exception as exc:  # torch.export, the quantizer and the partitioner raise many unrelated types
         raise ExportError(describe_export_failure(exc, arch, target="ExecuTorch (XNNPACK)")) from exc
     delegation["program"] = read_delegation(lowered).to_dict()
-    return PteProgram(data=lowered, delegation=delegation, quantization=quantization)
+    return PteProgram(data=lowered, delegation=delegation, quantization=quantization, calibrated=calibrated)
 
 
 @contextlib.contextmanager
@@ -91,11 +100,19 @@ def _quiet() -> Any:
                 logger.debug("executorch export: %s", printed.getvalue().strip())
 
 
+@dataclass
+class _Quantized:
+    converted: torch.fx.GraphModule  # quantize / dequantize ops with the calibrated parameters, to export again
+    calibrated: torch.fx.GraphModule | None  # the observed graph before conversion (any batch; None: static batch)
+    info: dict[str, Any]
+
+
 def _quantize(
-    program: torch.export.ExportedProgram, model: nn.Module, example: tuple[torch.Tensor], calib_images: np.ndarray,
-    calib_method: str, batch: int,
-) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """PT2E post-training quantization with the XNNPACK quantizer; returns the re-exported int8 program."""
+    model: nn.Module, example: tuple[torch.Tensor], calib_images: np.ndarray, calib_method: str, per_channel: bool,
+    float_nodes: tuple[str, ...],
+) -> _Quantized:
+    """PT2E post-training quantization with the XNNPACK quantizer, calibrated in batches of CALIB_BATCH on a program
+    whose batch is dynamic (else, when torch.export cannot make it so, on the program's own batch)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -104,31 +121,143 @@ def _quantize(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
-    config = get_symmetric_quantization_config(is_per_channel=True)  # weights: int8 symmetric, per channel
+    config = get_symmetric_quantization_config(is_per_channel=per_channel)  # weights: int8 symmetric
     if calib_method == "minmax":  # the quantizer's default activation observer is a HistogramObserver
         activation = dataclasses.replace(config.input_activation,
                                          observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
     quantizer = XNNPACKQuantizer().set_global(config)
     classifier = _classifier_name(model)
-    if classifier is not None:
-        in_classifier = get_module_name_filter(classifier)
-        quantizer.filter_fn = lambda node: not in_classifier(node)
+    in_classifier = get_module_name_filter(classifier) if classifier else lambda node: False
+    unquantized = set(float_nodes)
+    quantizer.filter_fn = lambda node: not in_classifier(node) and node.name not in unquantized
+    batch = min(CALIB_BATCH, len(calib_images))
+    try:
+        program = torch.export.export(model, (example[0][:1].expand(batch, *example[0].shape[1:]).clone(),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+        dynamic = True
+    except Exception as exc:  # a batch-dependent model: calibrate on the program's own batch
+        logger.debug("int8 .pte: calibrating at the program's batch (torch.export: %s)", exc)
+        program, batch, dynamic = torch.export.export(model, example), example[0].shape[0], False
     prepared = prepare_pt2e(program.module(), quantizer)
-    reader = ImageReader(calib_images, batch, static=True)
+    reader = ImageReader(calib_images, batch, static=not dynamic)
     while (inputs := reader.get_next()) is not None:
         prepared(torch.from_numpy(next(iter(inputs.values()))))
+    calibrated = copy.deepcopy(prepared) if dynamic else None  # convert_pt2e rewrites its argument
     converted = convert_pt2e(prepared)
     observer = "MinMaxObserver" if calib_method == "minmax" else "HistogramObserver"
-    return torch.export.export(converted, example), {
+    return _Quantized(converted, calibrated, {
         "flow": "PT2E (torchao prepare_pt2e / convert_pt2e)",
-        "quantizer": "XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True)",
+        "quantizer": f"XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel={per_channel})",
         "activations": f"int8 per tensor, asymmetric, {observer}",
-        "weights": "int8 symmetric, per channel",
+        "weights": "int8 symmetric, " + ("per channel" if per_channel else "per tensor"),
         "calib_method": calib_method,
         "calib_n": reader.count,
-        "float_nodes": [f"{classifier} (the classifier: float logits)"] if classifier else [],
-    }
+        "calib_batch": batch,
+        "float_nodes": [*([f"{classifier} (the classifier: float logits)"] if classifier else []), *float_nodes],
+    })
+
+
+def fake_quantized(calibrated: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The differentiable twin of an int8 ``.pte``: its calibrated PT2E graph with every observer replaced by fake
+    quantization at the observer's scale and zero point (what ``convert_pt2e`` writes as quantize / dequantize
+    pairs; rounding half to even, saturating, gradients straight through inside the range). It runs any batch."""
+    from torchao.quantization.pt2e import ObserverBase
+
+    twin = copy.deepcopy(calibrated)
+    for name, module in list(twin.named_children()):
+        if isinstance(module, ObserverBase):
+            setattr(twin, name, _FakeQuantize(module))
+    return twin
+
+
+class _FakeQuantize(nn.Module):
+    """One observer's quantization, as ``torch.fake_quantize_per_{tensor,channel}_affine``."""
+
+    def __init__(self, observer: Any) -> None:
+        super().__init__()
+        self.quantized = observer.dtype in (torch.int8, torch.uint8)
+        self.axis = getattr(observer, "ch_axis", None) if observer.qscheme in (
+            torch.per_channel_symmetric, torch.per_channel_affine) else None
+        scale, zero_point = observer.calculate_qparams() if self.quantized else (torch.ones(1), torch.zeros(1))
+        self.register_buffer("scale", scale.float().reshape(-1))
+        self.register_buffer("zero_point", zero_point.int().reshape(-1))
+        self.qmin, self.qmax = int(observer.quant_min), int(observer.quant_max)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return x
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+
+
+WEIGHTED_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+
+
+def quantized_layers(graph: torch.fx.GraphModule) -> dict[str, tuple[torch.fx.Node, list[int]]]:
+    """The weighted layers of a prepared (or fake-quantized) PT2E graph that read an observed input or weight:
+    module name -> (its node, the positions of those arguments), in graph order."""
+    layers = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or node.target not in WEIGHTED_OPS:
+            continue
+        observed = [i for i, arg in enumerate(node.args[:2])
+                    if isinstance(arg, torch.fx.Node) and arg.op == "call_module"]
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if observed and stack:
+            layers[stack[-1][0]] = (node, observed)
+    return layers
+
+
+def float_groups(graph: torch.fx.GraphModule) -> dict[str, tuple[str, ...]]:
+    """For each layer of :func:`quantized_layers` with int8 weights (by module name), the graph nodes to leave
+    unquantized for it to compute in float on a float input: its own node and, back through ops with one input
+    (ReLU, pooling) whose output only the next reads, those ops and the weighted layer that makes its input. Where
+    an add, a concatenation or the graph's input comes first, its input stays rounded (the quantizer rounds a
+    node's output by that node's own annotation, whoever reads it)."""
+    groups = {}
+    for name, (node, observed) in quantized_layers(graph).items():
+        if 1 not in observed:  # float weights: a module the quantizer skips (the classifier)
+            continue
+        group, chain, current = [node], [], node.args[0]
+        while isinstance(current, torch.fx.Node) and len(current.users) == 1:
+            if current.op == "call_module":  # an observer: look through it
+                current = current.args[0]
+                continue
+            if current.op != "call_function":
+                break
+            if current.target in WEIGHTED_OPS:
+                group += [*chain, current]
+                break
+            inputs = [arg for arg in current.args if isinstance(arg, torch.fx.Node)]
+            if len(inputs) != 1:
+                break
+            chain.append(current)
+            current = inputs[0]
+        groups[name] = tuple(n.name for n in group)
+    return groups
+
+
+@contextlib.contextmanager
+def layers_in_float(graph: torch.fx.GraphModule, nodes: tuple[str, ...]) -> Any:
+    """Within the block, the fake-quantized ``graph`` computes ``nodes`` (a group of :func:`float_groups`) as
+    :func:`torch_to_pte` builds them with ``float_nodes=nodes``: weights, and tensors passed between them, unrounded
+    (a tensor from a quantized node stays rounded)."""
+    group = set(nodes)
+    saved = {}
+    for node in graph.graph.nodes:
+        if node.name in group:
+            saved[node] = node.args
+            node.args = tuple(arg.args[0] if isinstance(arg, torch.fx.Node) and arg.op == "call_module" and (
+                arg.args[0].op == "get_attr" or arg.args[0].name in group) else arg for arg in node.args)
+    graph.recompile()
+    try:
+        yield graph
+    finally:
+        for node, args in saved.items():
+            node.args = args
+        graph.recompile()
 
 
 def _classifier_name(model: nn.Module) -> str | None:
@@ -158,4 +287,6 @@ def _lower(program: torch.export.ExportedProgram) -> tuple[bytes, dict[str, Any]
     }
 
 
-__all__ = ["LOWERING", "PteProgram", "torch_to_pte"]
+
+__all__ = ["LOWERING", "PteProgram", "fake_quantized", "float_groups", "layers_in_float", "quantized_layers",
+           "torch_to_pte"]

@@ -217,15 +217,7 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
         except ExportParityError as exc:
             if not cfg.search:
                 raise
-            kept = _failed_gate_path(onnx_path)
-            os.replace(candidate, kept)
-            write_json(sidecar_path(kept), {**metadata, "gate": "failed"})
-            search = precision_info["search"]
-            chosen = search["candidates"][search["chosen"]]
-            raise SearchFailedError(
-                f"the int8 search's choice ({chosen['label']}) passed on held-out training images, but the test images "
-                f"refute it: {'; '.join(exc.report.failures)}. Kept it as {kept}; nothing under {onnx_path.name}",
-                search, kept) from exc
+            raise _refuted(exc, candidate, metadata, onnx_path) from exc
         metadata["parity"] = parity.to_dict()
         _save_onnx(proto, metadata, candidate)  # again, now carrying its parity figures
         os.replace(candidate, onnx_path)
@@ -241,20 +233,35 @@ def qat_state_dir(cfg: ExportConfig) -> Path:
 
 
 def _failed_gate_path(final: Path) -> Path:
-    """Where an int8 that failed the search's gate is kept: NAME.int8.failed-gate.onnx beside NAME.int8.onnx."""
-    return final.with_name(final.name.removesuffix(".onnx") + ".failed-gate.onnx")
+    """Where an int8 that failed the search's gate is kept: NAME.int8.failed-gate.onnx beside NAME.int8.onnx (and
+    .pte beside .pte)."""
+    return final.with_name(final.name.removesuffix(final.suffix) + ".failed-gate" + final.suffix)
+
+
+def _refuted(exc: ExportParityError, candidate: Path, metadata: dict[str, Any], final: Path) -> SearchFailedError:
+    """The search's choice, refuted by the test images' parity check: kept under its failed-gate name."""
+    kept = _failed_gate_path(final)
+    os.replace(candidate, kept)
+    write_json(sidecar_path(kept), {**metadata, "gate": "failed"})
+    search = metadata["quantization"]["search"]
+    chosen = search["candidates"][search["chosen"]]
+    return SearchFailedError(
+        f"the int8 search's choice ({chosen['label']}) passed on held-out training images, but the test images "
+        f"refute it: {'; '.join(exc.report.failures)}. Kept it as {kept}; nothing under {final.name}", search, kept)
 
 
 def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path) -> None:
-    """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx, with
-    the search table in its sidecar); nothing under the final name (a stale one is removed)."""
+    """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx or
+    .pte, with the search table in its sidecar); nothing under the final name (a stale one is removed)."""
     kept = _failed_gate_path(final)
     best = exc.result.best
     metadata = _metadata(cfg, source, data, artifact=kept.name, precision_info={
         "recipe": best.recipe.to_json(), "search": exc.result.to_json()}, details={"gate": "failed"})
-    proto = drop_unused_opsets(onnx.load(best.path))
     staged = kept.with_name(f".{kept.name}.tmp")
-    _save_onnx(proto, metadata, staged)
+    if kept.suffix == ".onnx":
+        _save_onnx(drop_unused_opsets(onnx.load(best.path)), metadata, staged)
+    else:
+        shutil.copyfile(best.path, staged)
     os.replace(staged, kept)
     write_json(sidecar_path(kept), metadata)
     for stale in (final, sidecar_path(final)):
@@ -291,30 +298,63 @@ def _export_ort(cfg: ExportConfig, onnx_file: ExportedFile, reference: np.ndarra
 
 
 def _export_pte(cfg: ExportConfig, source: _Source, reference: np.ndarray, data: _Data) -> ExportedFile:
-    """torch.export (+ PT2E int8) lowered to XNNPACK, checked on ExecuTorch's own runtime."""
+    """torch.export (+ PT2E int8, or the int8 search's choice) lowered to XNNPACK, checked on ExecuTorch's own
+    runtime."""
     from rslad_edge.export.executorch_export import LOWERING, torch_to_pte
     from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
 
     pte_path = Path(cfg.out) / cfg.pte_name
     assert cfg.batch is not None  # ExportConfig gives a .pte its static batch
-    program = torch_to_pte(source.model, source.input_shape, batch=cfg.batch, precision=cfg.precision,
-                           arch=source.info["arch"], calib_images=data.calib_images, calib_method=cfg.calib_method)
-    if program.quantization is not None:
-        program.quantization["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
-    metadata = _metadata(cfg, source, data, artifact=pte_path.name, precision_info=program.quantization or {},
-                         details={"exporter": LOWERING, "delegation": program.delegation},
-                         versions=("executorch", "torchao"))
     with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
-        candidate = Path(workdir_name) / pte_path.name
-        candidate.write_bytes(program.data)
+        workdir = Path(workdir_name)
+        if cfg.search:
+            program, quantization, delegation = _search_pte(cfg, source, data, workdir, pte_path)
+        else:
+            built = torch_to_pte(source.model, source.input_shape, batch=cfg.batch, precision=cfg.precision,
+                                 arch=source.info["arch"], calib_images=data.calib_images,
+                                 calib_method=cfg.calib_method)
+            program, quantization, delegation = built.data, built.quantization, built.delegation
+        if quantization is not None:
+            quantization["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
+        metadata = _metadata(cfg, source, data, artifact=pte_path.name, precision_info=quantization or {},
+                             details={"exporter": LOWERING, "delegation": delegation},
+                             versions=("executorch", "torchao"))
+        candidate = workdir / pte_path.name
+        candidate.write_bytes(program)
         runner = ExecuTorchRunner(candidate)
-        parity = _check_parity(runner, reference, data, cfg.thresholds, pte_path)
+        try:
+            parity = _check_parity(runner, reference, data, cfg.thresholds, pte_path, searched=cfg.search)
+        except ExportParityError as exc:
+            if not cfg.search:
+                raise
+            del runner
+            raise _refuted(exc, candidate, metadata, pte_path) from exc
         del runner  # the runtime maps the file: release it before the rename
         os.replace(candidate, pte_path)
     metadata["parity"] = parity.to_dict()
     write_json(sidecar_path(pte_path), metadata)
-    logger.info("wrote %s (%s): %s", pte_path, _delegation_summary(program.delegation), parity.summary())
+    logger.info("wrote %s (%s): %s", pte_path, _delegation_summary(delegation), parity.summary())
     return ExportedFile(pte_path, parity, metadata)
+
+
+def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, pte_path: Path,
+                ) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """The int8 search over .pte programs: the chosen program's bytes, its quantization (with the search) and
+    its delegation; raises SearchFailedError, the closest kept under its failed-gate name, when nothing passed."""
+    from rslad_edge.export.search import PteCandidates
+
+    settings = _search_settings(cfg, source.info, target="executorch")
+    assert data.calib_images is not None
+    artifacts = PteCandidates(source.model.eval(), source.input_shape, data.calib_images, settings, workdir,
+                              arch=source.info["arch"])
+    try:
+        result = _search(cfg, source.model, artifacts, settings, data)
+    except SearchFailedError as exc:
+        _keep_failed_candidate(cfg, source, data, exc, pte_path)
+        raise
+    quantization = {**result.chosen.quant_info, "search": result.to_json()}
+    delegation = quantization.pop("delegation")
+    return result.chosen.path.read_bytes(), quantization, delegation
 
 
 def _delegation_summary(delegation: dict[str, Any]) -> str:
@@ -420,7 +460,10 @@ def _build_onnx(
     onnx.save(proto, fp32_path)
     assert data.calib_images is not None
     if cfg.search:  # the chosen candidate as the search built it (same calibration images, same recipe)
-        search = _search(cfg, model, info, fp32_path, data, workdir)
+        from rslad_edge.export.search import OnnxCandidates
+
+        settings = _search_settings(cfg, info, target=str(cfg.target))
+        search = _search(cfg, model, OnnxCandidates(fp32_path, data.calib_images, settings, workdir), settings, data)
         quantized_path, quant_info = search.chosen.path, {**search.chosen.quant_info, "search": search.to_json()}
     else:
         quantized_path = workdir / "int8.onnx"
@@ -430,22 +473,28 @@ def _build_onnx(
     return drop_unused_opsets(onnx.load(quantized_path)), quant_info
 
 
-def _search(cfg: ExportConfig, model: torch.nn.Module, info: dict[str, Any], fp32_path: Path, data: _Data,
-            workdir: Path) -> Any:
-    """The int8 search (export/search.py); raises SearchFailedError, carrying the result, when nothing passed."""
+def _search_settings(cfg: ExportConfig, info: dict[str, Any], *, target: str) -> Any:
+    """What the int8 search is asked (export/search.py), from ``cfg`` and the checkpoint's ``info`` (its eps)."""
     from rslad_edge.export.qat import QatSettings
-    from rslad_edge.export.search import SearchFailedError, SearchSettings, search_int8
+    from rslad_edge.export.search import SearchSettings
 
-    assert data.search_splits is not None and data.calib_images is not None
     eps = cfg.eps if cfg.eps is not None else float((info.get("meta") or {}).get("eps") or 8 / 255)
     qat = (QatSettings(cfg.qat_epochs, lr=cfg.qat_lr, alpha=cfg.qat_alpha, eps=eps, seed=cfg.seed,
                        scale_lr=cfg.qat_scale_lr)
            if cfg.qat_epochs else None)
-    settings = SearchSettings(target=str(cfg.target), static_batch=cfg.batch, eps=eps,
-                              min_agreement=cfg.thresholds[1], max_drop=cfg.max_drop, budget=cfg.search_budget,
-                              seed=cfg.seed, qat=qat, min_speedup=cfg.min_speedup)
-    result = search_int8(fp32_path, model.eval(), data.calib_images, *data.search_splits, settings, workdir,
-                         qat_images=data.qat_images, qat_state=qat_state_dir(cfg))
+    return SearchSettings(target=target, static_batch=cfg.batch, eps=eps, min_agreement=cfg.thresholds[1],
+                          max_drop=cfg.max_drop, budget=cfg.search_budget, seed=cfg.seed, qat=qat,
+                          min_speedup=cfg.min_speedup)
+
+
+def _search(cfg: ExportConfig, model: torch.nn.Module, artifacts: Any, settings: Any, data: _Data) -> Any:
+    """The int8 search (export/search.py) over ``artifacts``' candidates; raises SearchFailedError, carrying the
+    result, when nothing passed."""
+    from rslad_edge.export.search import search_int8
+
+    assert data.search_splits is not None
+    result = search_int8(artifacts, model.eval(), *data.search_splits, settings, qat_images=data.qat_images,
+                         qat_state=qat_state_dir(cfg))
     if result.chosen is None:
         best = result.best
         raise SearchFailedError(

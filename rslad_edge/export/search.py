@@ -1,20 +1,22 @@
 """The int8 search: when the default int8 model loses parity or robustness, find one that does not.
 
 ``rslad-edge export --precision int8 --search`` tries quantization recipes, fastest first, and ships the first one
-that passes the gate on held-out images; the parity check on test images then runs on it as on any export.
+that passes the gate on held-out images; the parity check on test images then runs on it as on any export. The
+candidates are ONNX Q/DQ graphs (:class:`OnnxCandidates`) or, for ``--format executorch``, ``.pte`` programs
+(:class:`PteCandidates`); the search is the same.
 
 Candidates, in order (``--search-budget`` of them at most):
 
 1. every layer in int8 (equally fast): the default recipe (minmax ranges, per-channel weights), then percentile
    and entropy ranges, per-tensor weights and, for ``--target cpu``, 7-bit weights (``reduce_range``: x86 CPUs
-   without VNNI can saturate on full-range weights);
-2. with ``--qat-epochs N``: the best of those, trained for N epochs by quantization-aware training of its own
-   graph (export/qat.py): still every layer in int8, so as fast as the first candidates;
+   without VNNI can saturate on full-range weights); for a ``.pte``: minmax, histogram, per-tensor weights;
+2. with ``--qat-epochs N`` (ONNX): the best of those, trained for N epochs by quantization-aware training of its
+   own graph (export/qat.py): still every layer in int8, so as fast as the first candidates;
 3. the best all-int8 recipe with its most sensitive layers in float32 (1, 2, 4, 8, ... of them, never all: that
    would be the fp32 model with extra conversions; :func:`keep_float`).
    Sensitivity is robustness-aware: the KL divergence from the float model's predictions, on clean images and on
    PGD examples crafted on the float model, that keeping one layer in float32 removes (measured with ONNX Runtime
-   on the candidate's own graph, one layer at a time).
+   on the candidate's own graph, one layer at a time; for a ``.pte``, on its twin).
 
 Every candidate is judged on training images it was not calibrated on, in two disjoint seeded splits (never the
 test images parity and verify report on): a search split screens (agreement, then robust accuracy), and only a
@@ -228,7 +230,7 @@ class SearchFailedError(GateFailedError):
 class SearchSettings:
     """What the search is asked (ExportConfig's values, resolved)."""
 
-    target: str
+    target: str  # cpu, trt (ONNX Q/DQ schemes) or executorch (the .pte's XNNPACK scheme)
     static_batch: int | None
     eps: float
     min_agreement: float
@@ -246,7 +248,10 @@ class SearchSettings:
 
 
 def first_recipes(target: str) -> list[Recipe]:
-    """Every-layer-int8 recipes, the default first (a model that passes with it costs one candidate)."""
+    """Every-layer-int8 recipes for ``target`` (cpu, trt: ONNX; executorch: the .pte), the default first (a model
+    that passes with it costs one candidate)."""
+    if target == "executorch":  # XNNPACK's quantizer: the two activation observers export offers, per-tensor weights
+        return [Recipe(), Recipe(calib_method="histogram"), Recipe(per_channel=False)]
     recipes = [Recipe(), Recipe(calib_method="percentile"), Recipe(calib_method="entropy"),
                Recipe(per_channel=False)]
     if target == "cpu":
@@ -263,46 +268,37 @@ def fallback_counts(layers: int) -> Iterator[int]:
 
 
 def search_int8(
-    fp32_path: Path,
+    artifacts: OnnxCandidates | PteCandidates,
     model: torch.nn.Module,
-    calib_images: np.ndarray,
     search: Split,
     confirmation: Split,
     settings: SearchSettings,
-    workdir: Path,
     *,
     qat_images: np.ndarray | None = None,
     qat_state: Path | None = None,
 ) -> SearchResult:
-    """Run the search (see the module docstring); ``model`` is the float checkpoint in eval mode on the CPU.
-    ``qat_images`` (training images disjoint from the splits and calibration) and ``qat_state`` (the folder that
-    makes the training resumable) are needed when ``settings.qat`` is set."""
+    """Run the search (see the module docstring) on the candidates ``artifacts`` makes; ``model`` is the float
+    checkpoint in eval mode on the CPU. ``qat_images`` (training images disjoint from the splits and calibration)
+    and ``qat_state`` (the folder that makes the training resumable) are needed when ``settings.qat`` is set (ONNX
+    candidates only)."""
     started = time.perf_counter()
     for split in (search, confirmation):
         _prepare_split(split, model, settings)
-    from rslad_edge.runtime import OnnxRunner
-
     result = SearchResult([], None, {
-        "fp32_latency_ms": {str(batch): round(ms, 4) for batch, ms in _latency(
-            OnnxRunner(fp32_path, device="cpu", threads=settings.threads), search.images).items()},
+        "format": artifacts.format,
+        "fp32_latency_ms": {str(batch): round(ms, 4) for batch, ms in _latency(artifacts.fp32_runner(),
+                                                                                search.images).items()},
         "splits": {split.name: len(split) for split in (search, confirmation)},
         "gate": {"min_agreement_low95": settings.min_agreement, "max_drop_pp": settings.max_drop},
         "attack": f"PGD-{SEARCH_STEPS}, step eps/4, uniform start; twin (white-box) and transfer from the float "
                   "model, worst per image; the float model: PGD white-box",
         "eps": settings.eps, "budget": settings.budget, "target": settings.target,
     })
-    def build(recipe: Recipe, *, keep_activations: bool = False) -> tuple[Path, dict[str, Any]]:
-        folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=workdir))
-        path = folder / "int8.onnx"
-        info = quantize_int8(fp32_path, path, calib_images, target=settings.target, method=recipe.calib_method,
-                             static_batch=settings.static_batch, workdir=folder, per_channel=recipe.per_channel,
-                             reduce_range=recipe.reduce_range, float_nodes=recipe.float_nodes,
-                             keep_activations=keep_activations)
-        return path, info
 
     def attempt(recipe: Recipe, built: tuple[Path, dict[str, Any]] | None = None) -> bool:
-        path, info = built or build(recipe)
-        candidate = _try(recipe, path, search, confirmation, settings, fp32_ms=result.settings["fp32_latency_ms"])
+        path, info = built or artifacts.build(recipe)
+        candidate = _try(recipe, artifacts, path, search, confirmation, settings,
+                         fp32_ms=result.settings["fp32_latency_ms"])
         candidate.path, candidate.quant_info = path, info
         candidate.seconds = time.perf_counter() - started - sum(c.seconds for c in result.candidates)
         result.candidates.append(candidate)
@@ -317,7 +313,7 @@ def search_int8(
             return result
     best = max(result.candidates, key=Candidate.score)
     if settings.qat is not None:
-        assert qat_images is not None and qat_state is not None
+        assert isinstance(artifacts, OnnxCandidates) and qat_images is not None and qat_state is not None
         trained = train_int8(best.path, model, qat_images, (search.images, search.float_logits.argmax(1)),
                              settings.qat, qat_state, threads=settings.threads)
         qat_info = {**describe(settings.qat, len(qat_images)), **trained.to_json(), "base": best.recipe.label}
@@ -326,24 +322,157 @@ def search_int8(
         result.candidates[-1].qat = qat_info
         if done:
             return result
-    base = best.recipe
-    base_path, _ = build(base, keep_activations=True)  # ReLU / Clip as nodes, so a float layer keeps them
-    result.sensitivity = _sensitivity(base_path, base_path.parent / "prepared.onnx", search, settings)
+    result.sensitivity = artifacts.sensitivity(best.recipe, best.path, search)
     ranked = [name for name, _ in result.sensitivity]
     for count in fallback_counts(len(ranked)):
-        if attempt(replace(base, float_nodes=tuple(ranked[:count]))):
+        if attempt(replace(best.recipe, float_nodes=tuple(ranked[:count]))):
             return result
     return result
 
 
-def _try(recipe: Recipe, path: Path, search: Split, confirmation: Split, settings: SearchSettings, *,
-         fp32_ms: dict[str, float]) -> Candidate:
-    """Judge one candidate: cheap checks first (speed against the fp32 ONNX's ``fp32_ms``, agreement), the
-    confirmation split only for what passed the search split."""
-    from rslad_edge.runtime import OnnxRunner
+class OnnxCandidates:
+    """ONNX int8 candidates (``--format onnx``, ``ort``, ``trt``): :func:`quantize_int8` of the fp32 ONNX for the
+    target's Q/DQ scheme, run by ONNX Runtime, attacked through :class:`OnnxTwin`; a float layer is
+    :func:`keep_float`'s."""
 
+    format = "onnx"
+
+    def __init__(self, fp32_path: Path, calib_images: np.ndarray, settings: SearchSettings, workdir: Path) -> None:
+        self.fp32_path, self.calib_images, self.settings, self.workdir = fp32_path, calib_images, settings, workdir
+
+    def fp32_runner(self) -> Any:
+        return self.runner(self.fp32_path)
+
+    def runner(self, path: Path) -> Any:
+        from rslad_edge.runtime import OnnxRunner
+
+        return OnnxRunner(path, device="cpu", threads=self.settings.threads)
+
+    def build(self, recipe: Recipe, *, keep_activations: bool = False) -> tuple[Path, dict[str, Any]]:
+        folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.workdir))
+        path = folder / "int8.onnx"
+        info = quantize_int8(self.fp32_path, path, self.calib_images, target=self.settings.target,
+                             method=recipe.calib_method, static_batch=self.settings.static_batch, workdir=folder,
+                             per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                             float_nodes=recipe.float_nodes, keep_activations=keep_activations)
+        return path, info
+
+    def twin(self, path: Path) -> torch.nn.Module:
+        """Raises TwinUnavailableError for an op the twin cannot emulate."""
+        from rslad_edge.runtime.twin import OnnxTwin
+
+        return OnnxTwin(onnx.load(path), source=path.name).eval()
+
+    def sensitivity(self, recipe: Recipe, built: Path, split: Split) -> list[tuple[str, float]]:
+        """Each quantized node of ``recipe``'s graph, with the KL divergence from the float model's predictions that
+        keeping it in float32 removes (ONNX Runtime, on clean and float-PGD images of ``split``); most sensitive
+        first. The graph is built again (``built``, the candidate's, fuses ReLU / Clip into the layers' ranges, and
+        a float layer must keep them as nodes)."""
+        path, _ = self.build(recipe, keep_activations=True)
+        base, prepared = onnx.load(path), onnx.load(path.parent / "prepared.onnx")
+        probe = path.parent / "probe.onnx"
+
+        def divergence_without(name: str | None) -> float:
+            if name is None:
+                return _divergence(self.runner(path).predict, split)
+            onnx.save(keep_float(base, prepared, [name]), probe)
+            return _divergence(self.runner(probe).predict, split)
+
+        return _rank(quantizable_nodes(base), divergence_without)
+
+
+class PteCandidates:
+    """ExecuTorch int8 candidates (``--format executorch``): PT2E with the XNNPACK quantizer (minmax or histogram
+    activation ranges, per-channel or per-tensor weights, modules left in float by the quantizer's filter), lowered
+    to XNNPACK and run by ExecuTorch's runtime at the program's batch; attacked through the calibrated PT2E graph
+    with fake quantization (executorch_export.fake_quantized), on which the layers are also ranked."""
+
+    format = "executorch"
+
+    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], calib_images: np.ndarray,
+                 settings: SearchSettings, workdir: Path, arch: str = "model") -> None:
+        self.model, self.input_shape, self.calib_images = model, input_shape, calib_images
+        self.settings, self.workdir, self.arch = settings, workdir, arch
+        self.batch = settings.static_batch or 1
+        self._calibrated: dict[Path, Any] = {}  # candidate -> its calibrated PT2E graph (the twin's source)
+        self.groups: dict[str, tuple[str, ...]] = {}  # layer (module name) -> the graph nodes it needs in float
+
+    def _write(self, precision: str, recipe: Recipe | None = None) -> tuple[Path, Any]:
+        from rslad_edge.export.executorch_export import torch_to_pte
+
+        recipe = recipe or Recipe()
+        nodes = tuple(dict.fromkeys(node for layer in recipe.float_nodes for node in self.groups[layer]))
+        program = torch_to_pte(self.model, self.input_shape, batch=self.batch, precision=precision, arch=self.arch,
+                               calib_images=self.calib_images, calib_method=recipe.calib_method,
+                               per_channel=recipe.per_channel, float_nodes=nodes)
+        path = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.workdir)) / f"{precision}.pte"
+        path.write_bytes(program.data)
+        return path, program
+
+    def fp32_runner(self) -> Any:
+        return self.runner(self._write("fp32")[0])
+
+    def runner(self, path: Path) -> Any:
+        from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+        return ExecuTorchRunner(path, threads=self.settings.threads)
+
+    def build(self, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
+        path, program = self._write("int8", recipe)
+        self._calibrated[path] = program.calibrated
+        chosen = [f"{layer} (fp32, graph nodes {', '.join(self.groups[layer])}: chosen by the int8 search)"
+                  for layer in recipe.float_nodes]
+        float_nodes = [name for name in program.quantization["float_nodes"] if "(the classifier" in name]
+        return path, {**program.quantization, "float_nodes": float_nodes + chosen, "delegation": program.delegation}
+
+    def twin(self, path: Path) -> torch.nn.Module:
+        from rslad_edge.export.executorch_export import fake_quantized
+        from rslad_edge.runtime.twin import TwinUnavailableError
+
+        calibrated = self._calibrated.get(path)
+        if calibrated is None:
+            raise TwinUnavailableError("torch.export could not make the model's batch dynamic, so its calibrated "
+                                       "graph runs one batch size only")
+        return fake_quantized(calibrated)
+
+    def sensitivity(self, recipe: Recipe, built: Path, split: Split) -> list[tuple[str, float]]:
+        """Each quantized module of the program ``built`` (``recipe``'s), with the KL divergence from the float
+        model's predictions that leaving it in float removes, measured on its twin (clean and float-PGD images of
+        ``split``); most sensitive first. No twin: no ranking, so no float layers to try."""
+        from rslad_edge.export.executorch_export import float_groups, layers_in_float
+        from rslad_edge.runtime.twin import TwinUnavailableError
+
+        del recipe  # the program is built already
+        try:
+            twin = self.twin(built)
+        except TwinUnavailableError as exc:
+            logger.warning("int8 search: %s; no layer is tried in float", exc)
+            return []
+        groups = float_groups(twin)
+        self.groups.update(groups)
+
+        def divergence_without(name: str | None) -> float:
+            if name is None:
+                return _divergence(_torch_predict(twin), split)
+            with layers_in_float(twin, groups[name]) as probe:
+                return _divergence(_torch_predict(probe), split)
+
+        return _rank(list(groups), divergence_without)
+
+
+def _torch_predict(module: torch.nn.Module) -> Any:
+    def predict(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([module(batch) for batch in torch.from_numpy(images).split(256)]).numpy()
+    return predict
+
+
+def _try(recipe: Recipe, artifacts: OnnxCandidates | PteCandidates, path: Path, search: Split, confirmation: Split,
+         settings: SearchSettings, *, fp32_ms: dict[str, float]) -> Candidate:
+    """Judge one candidate: cheap checks first (speed against the fp32 model's ``fp32_ms``, agreement), the
+    confirmation split only for what passed the search split."""
     candidate = Candidate(recipe)
-    runner = OnnxRunner(path, device="cpu", threads=settings.threads)
+    runner = artifacts.runner(path)
     candidate.latency_ms = _latency(runner, search.images)
     batch = max(LATENCY_BATCHES)
     speedup = fp32_ms[str(batch)] / candidate.latency_ms[batch]
@@ -361,7 +490,7 @@ def _try(recipe: Recipe, path: Path, search: Split, confirmation: Split, setting
             bound = "" if slot == "search" else " (95% low)"
             candidate.verdict = f"agreement{bound} < {threshold:.0%} ({slot})"
             return candidate
-        judged = _robustness(runner, path, split, logits, judged, settings)
+        judged = _robustness(runner, artifacts, path, split, logits, judged, settings)
         setattr(candidate, slot, judged)
         assert judged.drop_pp is not None
         if judged.drop_pp > settings.max_drop + 1e-9:
@@ -396,11 +525,11 @@ def _agreement(logits: np.ndarray, split: Split) -> Judgement:
                      accuracy=float((predictions == split.labels).mean()))
 
 
-def _robustness(runner: Any, path: Path, split: Split, clean_logits: np.ndarray, judged: Judgement,
-                settings: SearchSettings) -> Judgement:
+def _robustness(runner: Any, artifacts: OnnxCandidates | PteCandidates, path: Path, split: Split,
+                clean_logits: np.ndarray, judged: Judgement, settings: SearchSettings) -> Judgement:
     """Robust accuracy (twin PGD and transfer PGD, worst per image) against the float model's, on ``split``
     (``clean_logits``: the candidate's on its images)."""
-    from rslad_edge.runtime.twin import OnnxTwin, TwinUnavailableError, twin_agreement
+    from rslad_edge.runtime.twin import TwinUnavailableError, twin_agreement
 
     x, y = torch.from_numpy(split.images), torch.from_numpy(split.labels).long()
 
@@ -412,7 +541,7 @@ def _robustness(runner: Any, path: Path, split: Split, clean_logits: np.ndarray,
     robust = clean_correct & (predict(torch.from_numpy(split.float_adversarial)) == y)  # transfer
     agreement = None
     try:
-        twin = OnnxTwin(onnx.load(path), source=path.name).eval()
+        twin = artifacts.twin(path)
     except TwinUnavailableError as exc:  # an op the twin cannot emulate: transfer only, said in the verdict
         logger.warning("int8 search: %s; candidates are judged by transfer PGD only", exc)
     else:
@@ -439,31 +568,23 @@ def _latency(runner: Any, images: np.ndarray) -> dict[int, float]:
     return latency
 
 
-def _sensitivity(base_path: Path, prepared_path: Path, split: Split, settings: SearchSettings,
-                 ) -> list[tuple[str, float]]:
-    """Each quantized layer of the base candidate, with the KL divergence from the float model's predictions that
-    keeping it in float32 removes, on clean and float-PGD images of the search split; most sensitive first."""
-    from rslad_edge.runtime import OnnxRunner
-
-    base, prepared = onnx.load(base_path), onnx.load(prepared_path)
+def _divergence(predict: Any, split: Split) -> float:
+    """KL divergence from the float model's predictions of ``predict``'s (images -> logits), on the first
+    SENSITIVITY_N images of ``split`` and their float-PGD examples."""
     n = min(SENSITIVITY_N, len(split))
     images = np.concatenate([split.images[:n], split.float_adversarial[:n]])
-    with torch.no_grad():
-        reference = torch.log_softmax(torch.from_numpy(np.concatenate(
-            [split.float_logits[:n], split.float_adversarial_logits[:n]])), 1)
+    reference = torch.log_softmax(torch.from_numpy(np.concatenate(
+        [split.float_logits[:n], split.float_adversarial_logits[:n]])), 1)
+    logits = torch.from_numpy(predict(images))
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, 1), reference, log_target=True,
+                                      reduction="batchmean").item()
 
-    def divergence(path: Path) -> float:
-        logits = torch.from_numpy(OnnxRunner(path, device="cpu", threads=settings.threads).predict(images))
-        return torch.nn.functional.kl_div(torch.log_softmax(logits, 1), reference, log_target=True,
-                                          reduction="batchmean").item()
 
-    start = divergence(base_path)
-    gains = []
-    probe = base_path.parent / "probe.onnx"
-    for name in quantizable_nodes(base):
-        onnx.save(keep_float(base, prepared, [name]), probe)
-        gains.append((name, start - divergence(probe)))
+def _rank(layers: list[str], divergence_without: Any) -> list[tuple[str, float]]:
+    """``layers`` with the divergence each removes when it alone is float (``divergence_without(name)``;
+    ``None``: every layer quantized), most sensitive first."""
+    start = divergence_without(None)
+    gains = sorted(((name, start - divergence_without(name)) for name in layers), key=lambda item: -item[1])
     logger.info("int8 search: ranked %d layers by sensitivity (KL %.4f with all in int8; most sensitive: %s)",
-                len(gains), start, ", ".join(f"{name} {gain:.4f}" for name, gain in
-                                             sorted(gains, key=lambda item: -item[1])[:3]))
-    return sorted(gains, key=lambda item: -item[1])
+                len(gains), start, ", ".join(f"{name} {gain:.4f}" for name, gain in gains[:3]))
+    return gains
