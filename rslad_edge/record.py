@@ -161,6 +161,9 @@ class RunRecord:
     teacher: Artifact | None = None  # the smoke preset's own teacher, when it trained one
     metrics_files: dict[str, Path] = field(default_factory=dict)  # "student" / "teacher" -> metrics.jsonl
     exports: list[Artifact] = field(default_factory=list)
+    # exports whose int8 search shipped nothing: {"artifact": the closest candidate kept under its failed-gate name
+    # (relative to root), "message": why, "search": the search's table (export/search.py)}
+    export_failures: list[dict[str, Any]] = field(default_factory=list)
     verify: list[VerifyEntry] = field(default_factory=list)
     bench: BenchEntry | None = None
     created: str = field(default_factory=lambda: _now())
@@ -180,8 +183,9 @@ class RunRecord:
     def gate_failures(self) -> list[str]:
         """One line per artifact whose gate failed (empty: passed, or no gate set)."""
         names = {a.sha256: a.name for a in self.artifacts}
-        return [f"{names.get(v.artifact_sha256, v.artifact_sha256[:12])}: {v.gate.message}"
-                for v in self.verify if v.gate is not None and not v.gate.passed]
+        return [f"{Path(failure['artifact']).name}: {failure['message']}" for failure in self.export_failures] + [
+            f"{names.get(v.artifact_sha256, v.artifact_sha256[:12])}: {v.gate.message}"
+            for v in self.verify if v.gate is not None and not v.gate.passed]
 
     def to_json(self) -> dict[str, Any]:
         root = self.root
@@ -196,6 +200,7 @@ class RunRecord:
             "teacher": self.teacher.to_json(root) if self.teacher else None,
             "metrics_files": {name: _relative(path, root) for name, path in self.metrics_files.items()},
             "exports": [a.to_json(root) for a in self.exports],
+            "export_failures": list(self.export_failures),
             "verify": [v.to_json(root) for v in self.verify],
             "bench": self.bench.to_json(root) if self.bench else None,
         }
@@ -228,6 +233,7 @@ class RunRecord:
                 teacher=Artifact.from_json(data["teacher"], root) if data.get("teacher") else None,
                 metrics_files={name: root / p for name, p in (data.get("metrics_files") or {}).items()},
                 exports=[Artifact.from_json(a, root) for a in data.get("exports") or []],
+                export_failures=[dict(failure) for failure in data.get("export_failures") or []],
                 verify=[VerifyEntry.from_json(v, root) for v in data.get("verify") or []],
                 bench=BenchEntry.from_json(data["bench"], root) if data.get("bench") else None,
                 created=str(data.get("created") or _now()),

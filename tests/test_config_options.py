@@ -126,7 +126,7 @@ def test_pipeline_search_and_its_qat_apply_to_the_int8_exports_only(tmp_path):
         "formats": ["onnx", "executorch"], "search": True, "qat-epochs": 2}}), tmp_path / "phones")
     assert [(e.format, e.precision, e.search, e.qat_epochs) for e in phones.exports] == [
         ("onnx", "fp32", False, 0), ("onnx", "int8", True, 2), ("executorch", "fp32", False, 0),
-        ("executorch", "int8", True, 0)]  # a .pte is searched too; QAT trains ONNX graphs only
+        ("executorch", "int8", True, 2)]  # a .pte is searched and trained too
     for preset in ("cifar10-rslad", "cifar100-rslad"):
         assert load_pipeline_config(preset)["export"]["search"] is True
         assert load_pipeline_config(preset)["export"]["qat_epochs"] > 0

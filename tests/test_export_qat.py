@@ -26,6 +26,7 @@ from rslad_edge.export.qat import QatSettings, train_int8
 from rslad_edge.export.search import first_recipes
 from rslad_edge.models import save_checkpoint
 from rslad_edge.runtime import OnnxRunner
+from rslad_edge.runtime.executorch_runner import MOBILE_EXTRA, executorch_missing
 from rslad_edge.runtime.twin import OnnxTwin
 
 runner = CliRunner()
@@ -208,3 +209,34 @@ def test_a_qat_candidate_that_passes_ships_with_its_training_recorded_and_its_st
     assert [entry["epoch"] for entry in qat["qat"]["history"]] == [1, 2, 3]
     assert result.metadata["quantization"]["qat"]["best_epoch"] == qat["qat"]["best_epoch"]
     assert not (tmp_path / ".student.int8.onnx.qat").exists()
+
+
+needs_executorch = pytest.mark.skipif(executorch_missing() is not None,
+                                      reason=f"ExecuTorch is not installed (the mobile extra: {MOBILE_EXTRA})")
+
+
+@needs_executorch
+@pytest.mark.slow  # 60 s: two epochs, each lowered to a .pte and run by ExecuTorch
+def test_qat_of_a_pte_trains_its_pt2e_graph_and_executorch_runs_what_it_learned(broken_int8, tmp_path):
+    """The same training on a .pte candidate: PT2E's QAT graph of the outlier model (its ranges from the
+    calibration images, then tracked), each epoch lowered and judged on ExecuTorch's runtime; the trained graph with
+    its conversion made differentiable (the candidate's twin) predicts what the program does."""
+    from rslad_edge.export.executorch_export import QatProgram
+    from rslad_edge.export.qat import train_graph
+    from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
+
+    images, predictions = broken_int8["judge"]
+    graph = QatProgram(broken_int8["model"], (3, 32, 32), broken_int8["images"][:128], batch=1)
+    before_path = tmp_path / "before.pte"
+    graph.write(before_path)
+    before = float((ExecuTorchRunner(before_path).predict(images).argmax(1) == predictions).mean())
+    result = train_graph(graph, broken_int8["model"], broken_int8["images"], broken_int8["judge"],
+                         QatSettings(epochs=2, alpha=0.0), tmp_path / "state")
+    assert result.path.suffix == ".pte" and [entry["epoch"] for entry in result.history] == [1, 2]
+    trained = ExecuTorchRunner(result.path).predict(images)
+    after = float((trained.argmax(1) == predictions).mean())
+    assert after == result.history[result.best_epoch - 1]["search_agreement"]
+    assert after >= before + 0.05, (before, after)
+    with torch.no_grad():
+        twin = graph.twin()(torch.from_numpy(images)).numpy()
+    assert (twin.argmax(1) == trained.argmax(1)).mean() >= 0.97  # this model is chaotic: 98-99% here

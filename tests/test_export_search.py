@@ -257,8 +257,19 @@ def test_a_pte_gate_nothing_meets_keeps_the_best_under_a_failed_gate_name(checkp
         np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
 
 
-def test_qat_is_refused_for_a_pte_in_one_line(checkpoints):
-    result = runner.invoke(app, ["export", str(checkpoints["plain"]), "--format", "executorch", "--precision", "int8",
-                                 "--search", "--qat-epochs", "2"])
-    assert result.exit_code == 2, result.output
-    assert "--qat-epochs trains ONNX int8 graphs" in result.output and len(result.output.strip().splitlines()) == 1
+@needs_executorch
+@pytest.mark.slow  # 60 s: three programs, then one QAT epoch lowered
+def test_a_pte_search_tries_qat_after_the_all_int8_recipes(checkpoints, tmp_path):
+    budget = len(first_recipes("executorch")) + 1
+    args = ["export", str(checkpoints["outlier"]), "--out", str(tmp_path), "--format", "executorch", "--precision",
+            "int8", "--search", "--search-budget", str(budget), "--calib-n", "128", "--search-n", "100",
+            "--confirm-n", "100", "--qat-epochs", "1", "--qat-n", "256", "--qat-alpha", "0", "--min-agreement", "0.99",
+            "--min-speedup", "0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 3, result.output  # a bar this toy's int8 does not reach
+    search = json.loads((tmp_path / "student.int8.failed-gate.pte.json").read_text())["quantization"]["search"]
+    *first, qat = search["candidates"]
+    best = max(first, key=lambda c: c["search"]["agreement"])
+    assert len(search["candidates"]) == budget and qat["label"] == f"{best['label']} +QAT 1 ep"
+    assert qat["qat"]["history"][0]["epoch"] == 1 and qat["search"]["agreement"] > best["search"]["agreement"]
+    assert (tmp_path / ".student.int8.pte.qat" / "state.pt").is_file()  # kept: more epochs continue from it

@@ -2,6 +2,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,27 @@ def test_a_failed_gate_still_writes_the_report_and_then_exits_3(tmp_path, teache
     else:  # no drop at all on these 48 images: then the gate must say PASS
         html = (tmp_path / "run" / "report.html").read_text()
         assert 'class="pass"' in html
+
+
+@pytest.mark.slow  # 40 s: a pipeline whose int8 search runs one candidate
+def test_an_int8_search_that_ships_nothing_keeps_the_other_artifacts_going_and_reports_it(tmp_path, teacher):
+    """A gate no candidate can meet (100% agreement's lower bound): the fp32 export is verified and benched as
+    usual, the closest int8 candidate is kept under its failed-gate name, the report shows the search table and a
+    FAIL line, and the run exits 3 at the end."""
+    sections = tiny_sections(teacher, export={"search": True, "search_budget": 1, "search_n": 64, "confirm_n": 64,
+                                              "min_agreement": 1.0, "min_speedup": 0})
+    out = tmp_path / "run"
+    with pytest.raises(GateFailedError) as failed:
+        run_pipeline(sections, out)
+    assert failed.value.exit_code == 3 and "student.int8.failed-gate.onnx: no int8 recipe passed" in str(failed.value)
+    assert (out / "export" / "student.int8.failed-gate.onnx").is_file()
+    assert not (out / "export" / "student.int8.onnx").exists()
+    record = json.loads((out / "run.json").read_text())
+    assert [Path(a["path"]).name for a in record["exports"]] == ["student.onnx"]
+    assert len(record["verify"]) == 2 and record["bench"] is not None  # the checkpoint and the fp32 ONNX
+    md = (out / "report.md").read_text()
+    assert "## int8 search: student.int8.failed-gate.onnx (nothing shipped)" in md
+    assert "- FAIL: student.int8.failed-gate.onnx: no int8 recipe passed the gate in 1 candidate(s)" in md
 
 
 def test_print_config_is_the_complete_commented_preset():

@@ -215,9 +215,6 @@ class ExportConfig:
         if self.search and self.precision != "int8":
             raise UsageError(f"--search looks for an int8 recipe; --precision is {self.precision}: drop --search or "
                              "use --precision int8")
-        if self.qat_epochs and self.format == "executorch":
-            raise UsageError("--qat-epochs trains ONNX int8 graphs (--format onnx, ort, trt); a .pte's --search has "
-                             "no QAT candidate: drop --qat-epochs")
         for flag, value in (("--search-budget", self.search_budget), ("--search-n", self.search_n),
                             ("--confirm-n", self.confirm_n), ("--qat-n", self.qat_n)):
             if value < 1:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +37,7 @@ from torch import nn
 from rslad_edge.errors import ExportError
 from rslad_edge.export.onnx_export import describe_export_failure
 from rslad_edge.export.precision import ImageReader
-from rslad_edge.runtime.executorch_runner import BACKEND_NAMES, quiet_imports, read_delegation
+from rslad_edge.runtime.executorch_runner import BACKEND_NAMES, ExecuTorchRunner, quiet_imports, read_delegation
 
 logger = logging.getLogger(__name__)
 
@@ -113,24 +115,10 @@ def _quantize(
 ) -> _Quantized:
     """PT2E post-training quantization with the XNNPACK quantizer, calibrated in batches of CALIB_BATCH on a program
     whose batch is dynamic (else, when torch.export cannot make it so, on the program's own batch)."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e import MinMaxObserver
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
 
-    config = get_symmetric_quantization_config(is_per_channel=per_channel)  # weights: int8 symmetric
-    if calib_method == "minmax":  # the quantizer's default activation observer is a HistogramObserver
-        activation = dataclasses.replace(config.input_activation,
-                                         observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
-        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
-    quantizer = XNNPACKQuantizer().set_global(config)
+    quantizer = _quantizer(model, per_channel=per_channel, calib_method=calib_method, float_nodes=float_nodes)
     classifier = _classifier_name(model)
-    in_classifier = get_module_name_filter(classifier) if classifier else lambda node: False
-    unquantized = set(float_nodes)
-    quantizer.filter_fn = lambda node: not in_classifier(node) and node.name not in unquantized
     batch = min(CALIB_BATCH, len(calib_images))
     try:
         program = torch.export.export(model, (example[0][:1].expand(batch, *example[0].shape[1:]).clone(),),
@@ -158,17 +146,59 @@ def _quantize(
     })
 
 
-def fake_quantized(calibrated: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The differentiable twin of an int8 ``.pte``: its calibrated PT2E graph with every observer replaced by fake
-    quantization at the observer's scale and zero point (what ``convert_pt2e`` writes as quantize / dequantize
-    pairs; rounding half to even, saturating, gradients straight through inside the range). It runs any batch."""
+def _quantizer(model: nn.Module, *, per_channel: bool, calib_method: str = "minmax", float_nodes: tuple[str, ...] = (),
+               qat: bool = False) -> Any:
+    """The XNNPACK quantizer: int8 symmetric weights (per channel or per tensor), int8 activations observed by
+    ``calib_method``'s observer (QAT: its fake quantizers), the classifier and ``float_nodes`` left in float."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e import MinMaxObserver
+    from torchao.quantization.pt2e.quantizer.utils import get_module_name_filter
+
+    config = get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
+    if calib_method == "minmax" and not qat:  # the quantizer's default activation observer is a HistogramObserver
+        activation = dataclasses.replace(config.input_activation,
+                                         observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    classifier = _classifier_name(model)
+    in_classifier = get_module_name_filter(classifier) if classifier else lambda node: False
+    unquantized = set(float_nodes)
+    quantizer.filter_fn = lambda node: not in_classifier(node) and node.name not in unquantized
+    return quantizer
+
+
+def fake_quantized(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The differentiable twin of an int8 ``.pte``, from the PT2E graph it was made from: a calibrated graph (each
+    observer replaced by fake quantization at its scale and zero point: what ``convert_pt2e`` writes) or a converted
+    one (each quantize / dequantize pair of an activation replaced by the same fake quantization; weights stay the
+    int8 constants dequantized). Rounding half to even, saturating, gradients straight through inside the range; it
+    runs any batch its graph does."""
     from torchao.quantization.pt2e import ObserverBase
 
-    twin = copy.deepcopy(calibrated)
+    twin = copy.deepcopy(graph)
     for name, module in list(twin.named_children()):
         if isinstance(module, ObserverBase):
             setattr(twin, name, _FakeQuantize(module))
+    decomposed = torch.ops.quantized_decomposed
+    for node in list(twin.graph.nodes):
+        if node.op == "call_function" and node.target == decomposed.quantize_per_tensor.default:
+            for user in list(node.users):
+                if user.target == decomposed.dequantize_per_tensor.default:
+                    user.replace_all_uses_with(node)
+                    twin.graph.erase_node(user)
+            node.target = _fake_quantize_per_tensor
+    twin.recompile()
     return twin
+
+
+def _fake_quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
+                              dtype: torch.dtype) -> torch.Tensor:
+    """``quantize_per_tensor`` then ``dequantize_per_tensor`` of the same parameters, differentiably."""
+    del dtype  # the range says it
+    return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero_point), int(quant_min), int(quant_max))
 
 
 class _FakeQuantize(nn.Module):
@@ -260,6 +290,65 @@ def layers_in_float(graph: torch.fx.GraphModule, nodes: tuple[str, ...]) -> Any:
         graph.recompile()
 
 
+class QatProgram:
+    """A ``.pte`` candidate prepared for quantization-aware training (export/qat.py's TrainableGraph): PT2E's
+    ``prepare_qat_pt2e`` with the XNNPACK quantizer's QAT configuration (fake quantization of int8 weights and of
+    activations with moving-average min / max ranges, BatchNorm folded into the weights it scales), the classifier
+    float as in every int8 export; BatchNorm in eval mode throughout (``move_exported_model_to_eval``: fine-tuning
+    keeps the float model's statistics). Each epoch is written as ExecuTorch will run it: a copy converted
+    (``convert_pt2e``), exported at the program's batch and lowered to XNNPACK."""
+
+    suffix = ".pte"
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, int, int], calib_images: np.ndarray, *,
+                 batch: int, per_channel: bool = True, threads: int | None = None) -> None:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        self.input_shape, self.batch, self.threads = input_shape, batch, threads
+        model = model.eval().float().cpu()
+        with _quiet():
+            quantizer = _quantizer(model, per_channel=per_channel, qat=True)
+            program = torch.export.export(model, (torch.rand(min(CALIB_BATCH, len(calib_images)), *input_shape),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+            self.module = move_exported_model_to_eval(prepare_qat_pt2e(program.module(), quantizer))
+            with torch.no_grad():  # the ranges start from the calibration images, as post-training int8's do
+                for batch_images in torch.from_numpy(calib_images).split(CALIB_BATCH):
+                    self.module(batch_images)
+        digest = hashlib.sha256(repr(("qat", per_channel, batch, input_shape)).encode())
+        for value in model.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        self.sha256 = digest.hexdigest()
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return []  # PT2E's fake quantizers track their ranges; they do not learn them
+
+    def converted(self) -> torch.fx.GraphModule:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        with _quiet():
+            return convert_pt2e(copy.deepcopy(self.module))
+
+    def twin(self) -> torch.fx.GraphModule:
+        """What the written program computes, differentiably: :func:`fake_quantized` of the converted graph. (The
+        QAT graph itself is not it: its BatchNorm-folding arithmetic and PT2E's conversion disagree on a few
+        percent of the tests' outlier model's predictions.)"""
+        return fake_quantized(self.converted())
+
+    def program(self) -> PteProgram:
+        example = (torch.rand(self.batch, *self.input_shape),)
+        with _quiet(), torch.no_grad():
+            lowered, delegation = _lower(torch.export.export(self.converted(), example))
+        delegation["program"] = read_delegation(lowered).to_dict()
+        return PteProgram(data=lowered, delegation=delegation, quantization=None)
+
+    def write(self, path: Path) -> None:
+        path.write_bytes(self.program().data)
+
+    def predict(self, path: Path, images: np.ndarray) -> np.ndarray:
+        return ExecuTorchRunner(path, threads=self.threads).predict(images)
+
+
 def _classifier_name(model: nn.Module) -> str | None:
     """The last Linear layer: the one that computes the logits in every architecture rslad-edge builds."""
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -288,5 +377,5 @@ def _lower(program: torch.export.ExportedProgram) -> tuple[bytes, dict[str, Any]
 
 
 
-__all__ = ["LOWERING", "PteProgram", "fake_quantized", "float_groups", "layers_in_float", "quantized_layers",
-           "torch_to_pte"]
+__all__ = ["LOWERING", "PteProgram", "QatProgram", "fake_quantized", "float_groups", "layers_in_float",
+           "quantized_layers", "torch_to_pte"]

@@ -228,8 +228,9 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
 
 
 def qat_state_dir(cfg: ExportConfig) -> Path:
-    """Where --qat-epochs keeps its resumable state: OUT/.NAME.int8.onnx.qat, removed once the export is written."""
-    return Path(cfg.out) / f".{cfg.onnx_name}.qat"
+    """Where --qat-epochs keeps its resumable state: OUT/.NAME.int8.onnx.qat (.pte.qat), removed once the export is
+    written."""
+    return Path(cfg.out) / f".{cfg.pte_name if cfg.format == 'executorch' else cfg.onnx_name}.qat"
 
 
 def _failed_gate_path(final: Path) -> Path:
@@ -333,6 +334,7 @@ def _export_pte(cfg: ExportConfig, source: _Source, reference: np.ndarray, data:
         os.replace(candidate, pte_path)
     metadata["parity"] = parity.to_dict()
     write_json(sidecar_path(pte_path), metadata)
+    shutil.rmtree(qat_state_dir(cfg), ignore_errors=True)  # its training is in the written program now
     logger.info("wrote %s (%s): %s", pte_path, _delegation_summary(delegation), parity.summary())
     return ExportedFile(pte_path, parity, metadata)
 

@@ -5,7 +5,10 @@ best one's own Q/DQ graph (ONNX Runtime's U8S8 for ``--target cpu``, S8S8 for ``
 (``OnnxTwin(trainable=True)``): its int8 weights and int32 biases on the graph's own grid (rounding straight-through),
 the float classifier's weights, and with ``--qat-scale-lr`` > 0 its activation scales (LSQ; each layer's bias grid
 follows its input scale). What is trained is therefore exactly what ONNX Runtime then runs: the trained integers and
-scales are written back into the same graph (``OnnxTwin.quantized_onnx``).
+scales are written back into the same graph (``OnnxTwin.quantized_onnx``). For ``--format executorch`` the
+trained graph is PT2E's own QAT graph of the best recipe (``executorch_export.QatProgram``: the XNNPACK quantizer's
+QAT configuration, fake-quantized weights with BatchNorm folded in, activation ranges tracked by moving averages),
+converted and lowered to a ``.pte`` after each epoch. Both are a :class:`TrainableGraph` to :func:`train_graph`.
 
 The loss is RSLAD's with the float checkpoint as its own teacher: ``alpha * KL(F(x) || Q(x')) + (1 - alpha) *
 KL(F(x) || Q(x))``, F the float model, Q the int8 graph, x' crafted by PGD on Q (KL to F's soft labels, RSLAD's inner
@@ -34,7 +37,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -46,7 +49,7 @@ from rslad_edge.errors import TrainingDivergedError, TrainingInterrupted
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-BEST_FILE = "best.onnx"
+BEST_STEM = "best"  # the best epoch's artifact: best.onnx, best.pte
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,44 @@ class QatResult:
         return {"best_epoch": self.best_epoch, "history": self.history, "resumed_from": self.resumed_from}
 
 
+class TrainableGraph(Protocol):
+    """What QAT trains: an int8 candidate's fake-quantized graph, and how it becomes the artifact again."""
+
+    suffix: str  # the artifact's, ".onnx" or ".pte"
+    module: torch.nn.Module  # the graph, trained in place
+    sha256: str  # of what it was built from: a saved state for another base is not resumed
+
+    def scale_parameters(self) -> list[torch.nn.Parameter]: ...  # learnt by Adam on their logs (LSQ); may be empty
+
+    def write(self, path: Path) -> None: ...  # the artifact of the graph as it is now
+
+    def predict(self, path: Path, images: np.ndarray) -> np.ndarray: ...  # logits of a written artifact
+
+
+class OnnxGraph:
+    """An ONNX Q/DQ candidate, trained through its trainable twin and written back into the same graph."""
+
+    suffix = ".onnx"
+
+    def __init__(self, base_path: Path, settings: QatSettings, *, threads: int | None = None) -> None:
+        from rslad_edge.runtime.twin import OnnxTwin
+
+        self.base, self.threads = onnx.load(str(base_path)), threads
+        self.module = OnnxTwin(self.base, source=base_path.name, trainable=True, learn_scales=settings.scale_lr > 0)
+        self.sha256 = _sha256(base_path.read_bytes())
+
+    def scale_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.module.scale_parameters())
+
+    def write(self, path: Path) -> None:
+        onnx.save(self.module.quantized_onnx(self.base), str(path))
+
+    def predict(self, path: Path, images: np.ndarray) -> np.ndarray:
+        from rslad_edge.runtime import OnnxRunner
+
+        return OnnxRunner(path, device="cpu", threads=self.threads).predict(images)
+
+
 def train_int8(
     base_path: Path,
     model: torch.nn.Module,
@@ -101,26 +142,35 @@ def train_int8(
     *,
     threads: int | None = None,
 ) -> QatResult:
-    """Train the int8 graph at ``base_path`` toward the float ``model`` (eval mode, CPU) on ``images``; after each
-    epoch, agreement with the float model's ``judge`` = (images, float predictions) picks the best epoch. Returns
-    the best epoch's graph (in ``state_dir``)."""
-    from rslad_edge.runtime import OnnxRunner
-    from rslad_edge.runtime.twin import OnnxTwin
+    """Train the ONNX int8 graph at ``base_path`` (:func:`train_graph`)."""
+    return train_graph(OnnxGraph(base_path, settings, threads=threads), model, images, judge, settings, state_dir)
 
-    base = onnx.load(str(base_path))
-    twin = OnnxTwin(base, source=base_path.name, trainable=True, learn_scales=settings.scale_lr > 0)
-    optimizer = _Optimizers(twin, settings)
-    fingerprint = {**settings.fingerprint(), "base_sha256": _sha256(base_path.read_bytes()),
+
+def train_graph(
+    graph: TrainableGraph,
+    model: torch.nn.Module,
+    images: np.ndarray,
+    judge: tuple[np.ndarray, np.ndarray],
+    settings: QatSettings,
+    state_dir: Path,
+) -> QatResult:
+    """Train ``graph`` toward the float ``model`` (eval mode, CPU) on ``images``; after each epoch, agreement of its
+    written artifact with the float model's ``judge`` = (images, float predictions) picks the best epoch. Returns
+    the best epoch's artifact (in ``state_dir``); ``graph.module`` is left with the best epoch's state."""
+    twin = graph.module
+    optimizer = _Optimizers(twin, graph.scale_parameters(), settings)
+    fingerprint = {**settings.fingerprint(), "state_format": 2, "base_sha256": graph.sha256,
                    "images_sha256": _sha256(np.ascontiguousarray(images).tobytes())}
     state_dir.mkdir(parents=True, exist_ok=True)
-    result = QatResult(state_dir / BEST_FILE, best_epoch=0)
-    best_agreement, start = -1.0, 1
+    result = QatResult(state_dir / f"{BEST_STEM}{graph.suffix}", best_epoch=0)
+    best_agreement, start, best_state = -1.0, 1, None
     saved = _load_state(state_dir, fingerprint)
     if saved is not None:
         twin.load_state_dict(saved["twin"])
         optimizer.load_state_dict(saved["optimizer"])
         result.history, result.best_epoch = list(saved["history"]), int(saved["best_epoch"])
         best_agreement, start = float(saved["best_agreement"]), int(saved["epoch"]) + 1
+        best_state = saved["best_twin"]
         result.resumed_from = int(saved["epoch"])
         logger.info("int8 QAT: resuming after epoch %d (state in %s)", saved["epoch"], state_dir)
 
@@ -133,21 +183,22 @@ def train_int8(
         for epoch in range(start, settings.epochs + 1):
             started = time.perf_counter()
             loss, norm = _train_epoch(twin, optimizer, x_all, soft_all, settings, epoch)
-            staged = state_dir / f".epoch{epoch}.onnx"
-            onnx.save(twin.quantized_onnx(base), str(staged))
-            predictions = OnnxRunner(staged, device="cpu", threads=threads).predict(judge_images).argmax(1)
-            agreement = float((predictions == judge_predictions).mean())
+            staged = state_dir / f".epoch{epoch}{graph.suffix}"
+            graph.write(staged)
+            agreement = float((graph.predict(staged, judge_images).argmax(1) == judge_predictions).mean())
             seconds = time.perf_counter() - started
             result.history.append({"epoch": epoch, "loss": round(loss, 6), "search_agreement": agreement,
                                    "grad_norm_p50": round(norm, 6), "seconds": round(seconds, 1)})
             if agreement >= best_agreement:  # ties: the later epoch, trained longer toward the float model
                 best_agreement, result.best_epoch = agreement, epoch
+                best_state = {key: value.detach().clone() for key, value in twin.state_dict().items()}
                 os.replace(staged, result.path)
             else:
                 staged.unlink()
             _save_state(state_dir, {"fingerprint": fingerprint, "epoch": epoch, "twin": twin.state_dict(),
                                     "optimizer": optimizer.state_dict(), "history": result.history,
-                                    "best_epoch": result.best_epoch, "best_agreement": best_agreement})
+                                    "best_epoch": result.best_epoch, "best_agreement": best_agreement,
+                                    "best_twin": best_state})
             logger.info("int8 QAT epoch %d/%d: loss %.4f (gradient norm p50 %.3g), agreement %.1f%% on the search "
                         "split, %.0f s", epoch, settings.epochs, loss, norm, 100 * agreement, seconds)
     except KeyboardInterrupt:
@@ -155,9 +206,10 @@ def train_int8(
         done = f"{finished} saved in {state_dir}" if epoch > 1 else "no epoch had finished"
         raise TrainingInterrupted(f"int8 QAT interrupted in epoch {epoch}; {done}: the same command continues "
                                   "from there") from None
-    if not result.path.is_file():
+    if not result.path.is_file() or best_state is None:
         raise FileNotFoundError(f"int8 QAT: {result.path} is missing from its state folder; remove {state_dir} and "
                                 "run again")
+    twin.load_state_dict(best_state)
     return result
 
 
@@ -197,8 +249,7 @@ def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Ten
 class _Optimizers:
     """SGD for the weights, Adam for the log activation scales (when they learn), stepped as one optimizer."""
 
-    def __init__(self, twin: Any, settings: QatSettings) -> None:
-        scales = twin.scale_parameters()
+    def __init__(self, twin: Any, scales: list[torch.nn.Parameter], settings: QatSettings) -> None:
         self.weights = [parameter for parameter in twin.parameters() if all(parameter is not s for s in scales)]
         self.rates: list[tuple[torch.optim.Optimizer, float]] = [
             (torch.optim.SGD(self.weights, lr=settings.lr, momentum=settings.momentum), settings.lr)]

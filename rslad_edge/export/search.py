@@ -54,7 +54,7 @@ from rslad_edge.attacks.evaluate import adversarial_examples, evaluate_attack
 from rslad_edge.attacks.presets import AttackSpec
 from rslad_edge.errors import GateFailedError
 from rslad_edge.export.precision import keep_float, quantizable_nodes, quantize_int8
-from rslad_edge.export.qat import QatSettings, describe, train_int8
+from rslad_edge.export.qat import OnnxGraph, QatSettings, describe, train_graph
 from rslad_edge.stats import paired_drop_ci95_pp, wilson_ci95
 
 logger = logging.getLogger(__name__)
@@ -313,12 +313,12 @@ def search_int8(
             return result
     best = max(result.candidates, key=Candidate.score)
     if settings.qat is not None:
-        assert isinstance(artifacts, OnnxCandidates) and qat_images is not None and qat_state is not None
-        trained = train_int8(best.path, model, qat_images, (search.images, search.float_logits.argmax(1)),
-                             settings.qat, qat_state, threads=settings.threads)
+        assert qat_images is not None and qat_state is not None
+        trained = train_graph(artifacts.trainable(best), model, qat_images,
+                              (search.images, search.float_logits.argmax(1)), settings.qat, qat_state)
         qat_info = {**describe(settings.qat, len(qat_images)), **trained.to_json(), "base": best.recipe.label}
         done = attempt(replace(best.recipe, qat_epochs=settings.qat.epochs),
-                       (trained.path, {**best.quant_info, "qat": qat_info}))
+                       artifacts.trained(trained.path, {**best.quant_info, "qat": qat_info}))
         result.candidates[-1].qat = qat_info
         if done:
             return result
@@ -355,6 +355,15 @@ class OnnxCandidates:
                              method=recipe.calib_method, static_batch=self.settings.static_batch, workdir=folder,
                              per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                              float_nodes=recipe.float_nodes, keep_activations=keep_activations)
+        return path, info
+
+    def trainable(self, candidate: Candidate) -> OnnxGraph:
+        """``candidate``'s graph for QAT (export/qat.py)."""
+        assert candidate.path is not None and self.settings.qat is not None
+        return OnnxGraph(candidate.path, self.settings.qat, threads=self.settings.threads)
+
+    def trained(self, path: Path, info: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        """The QAT candidate's graph (written by the training) as a built candidate."""
         return path, info
 
     def twin(self, path: Path) -> torch.nn.Module:
@@ -394,8 +403,9 @@ class PteCandidates:
         self.model, self.input_shape, self.calib_images = model, input_shape, calib_images
         self.settings, self.workdir, self.arch = settings, workdir, arch
         self.batch = settings.static_batch or 1
-        self._calibrated: dict[Path, Any] = {}  # candidate -> its calibrated PT2E graph (the twin's source)
+        self._calibrated: dict[Path, Any] = {}  # candidate -> the PT2E graph its twin is made from
         self.groups: dict[str, tuple[str, ...]] = {}  # layer (module name) -> the graph nodes it needs in float
+        self._training: Any = None  # the QatProgram of the QAT candidate
 
     def _write(self, precision: str, recipe: Recipe | None = None) -> tuple[Path, Any]:
         from rslad_edge.export.executorch_export import torch_to_pte
@@ -424,6 +434,25 @@ class PteCandidates:
                   for layer in recipe.float_nodes]
         float_nodes = [name for name in program.quantization["float_nodes"] if "(the classifier" in name]
         return path, {**program.quantization, "float_nodes": float_nodes + chosen, "delegation": program.delegation}
+
+    def trainable(self, candidate: Candidate) -> Any:
+        """``candidate``'s recipe prepared for QAT (executorch_export.QatProgram; per-tensor or per-channel weights
+        as the recipe, activation ranges tracked by PT2E's fake quantizers from the calibration images on)."""
+        from rslad_edge.export.executorch_export import QatProgram
+
+        self._training = QatProgram(self.model, self.input_shape, self.calib_images, batch=self.batch,
+                                    per_channel=candidate.recipe.per_channel, threads=self.settings.threads)
+        return self._training
+
+    def trained(self, path: Path, info: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        """The QAT candidate (its best epoch, written by the training) as a built candidate, its twin made from the
+        trained graph converted."""
+        assert self._training is not None
+        program = self._training.program()
+        self._calibrated[path] = self._training.converted()
+        return path, {**info, "flow": "PT2E QAT (torchao prepare_qat_pt2e / convert_pt2e)",
+                      "activations": "int8 per tensor, asymmetric, moving-average min / max (QAT)",
+                      "delegation": program.delegation}
 
     def twin(self, path: Path) -> torch.nn.Module:
         from rslad_edge.export.executorch_export import fake_quantized

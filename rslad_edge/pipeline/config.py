@@ -122,11 +122,10 @@ bench:
 }
 
 
-def _searched(export: dict[str, Any], precision: str, export_format: str) -> dict[str, Any]:
-    """The export section for one (precision, format): the search for int8 only, its QAT for ONNX int8 only."""
+def _searched(export: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The export section for one precision: the search and its QAT for int8 only."""
     searched = bool(export.get("search", False)) and precision == "int8"
-    trained = searched and export_format != "executorch"
-    return {**export, "search": searched, "qat_epochs": export.get("qat_epochs", 0) if trained else 0}
+    return {**export, "search": searched, "qat_epochs": export.get("qat_epochs", 0) if searched else 0}
 
 
 def preset_text(name: str) -> str:
@@ -256,9 +255,9 @@ def check_pipeline_config(sections: dict[str, dict[str, Any]], out: str | Path, 
                                       f"{', '.join(FORMAT_PRECISIONS[export_format])}; none is in 'precisions'")
         if export_format == "onnx" and engines:
             export_format = "trt"  # the ONNX, then an engine built on this GPU
-        # search: the int8 exports' (its QAT: the ONNX ones'); fp32 / fp16 export as they are.
+        # search and its QAT: the int8 exports'; fp32 / fp16 export as they are.
         exports += [_in_section("export", lambda p=precision, f=export_format: ExportConfig(
-            checkpoint=student, precision=p, out=out / "export", format=f, **_searched(export, p, f)))
+            checkpoint=student, precision=p, out=out / "export", format=f, **_searched(export, p)))
             for precision in format_precisions]
 
     verify = {**factory, **_read(sections, "verify")}

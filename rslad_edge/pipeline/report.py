@@ -48,6 +48,7 @@ def _collect(record: RunRecord) -> dict[str, Any]:
         "metrics": _read_jsonl(record.metrics_files.get("student")),
         "teacher_metrics": _read_jsonl(record.metrics_files.get("teacher")),
         "artifacts": [(artifact, record.verify_entry(artifact)) for artifact in record.artifacts],
+        "export_failures": record.export_failures,
         "bench": bench,
         "bench_png": bench_png if bench_png and bench_png.exists() else None,
         "stages": record.stages,
@@ -187,12 +188,17 @@ def _searches(data: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         search = ((artifact.metadata or {}).get("quantization") or {}).get("search")
         if search:
             found.append((artifact.name, SEARCH_TABLE_HEADER, table_rows(search), qat_lines(search)))
+    for failure in data["export_failures"]:
+        if failure.get("search"):
+            found.append((f"{Path(failure['artifact']).name} (nothing shipped)", SEARCH_TABLE_HEADER,
+                          table_rows(failure["search"]), qat_lines(failure["search"])))
     return found
 
 
 def _gate_lines(data: dict[str, Any]) -> list[str]:
-    lines = [f"{'PASS' if entry.gate.passed else 'FAIL'}: {artifact.name}: {entry.gate.message}"
-             for artifact, entry in data["artifacts"] if entry is not None and entry.gate is not None]
+    lines = [f"FAIL: {Path(failure['artifact']).name}: {failure['message']}" for failure in data["export_failures"]]
+    lines += [f"{'PASS' if entry.gate.passed else 'FAIL'}: {artifact.name}: {entry.gate.message}"
+              for artifact, entry in data["artifacts"] if entry is not None and entry.gate is not None]
     return lines or ["no gate was set (verify --max-drop)"]
 
 

@@ -9,8 +9,9 @@ Every stage has a key: the hash of its own config and of the files it reads (the
 stage whose key is unchanged and whose outputs exist, so an interrupted pipeline continues where it stopped
 (distillation itself resumes from its last checkpoint). A stage that runs again first removes the files it wrote
 last time (as listed in the record), so a changed configuration never leaves stale results beside the new ones.
-A failed verify gate does not stop the pipeline: bench and the report still run, the report shows the verdict,
-and the command exits 3 at the end.
+A failed gate does not stop the pipeline: an int8 export whose search ships nothing is recorded and the other
+artifacts go on, a failed verify gate lets bench run; the report shows the verdicts (and every search's table), and
+the command exits 3 at the end.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def run_pipeline(
     write_report(record, sections)
     if result.gate_failures:
         raise GateFailedError(
-            "verify gate failed: " + "; ".join(result.gate_failures) + f". The report is {result.report_html}"
+            "gate failed: " + "; ".join(result.gate_failures) + f". The report is {result.report_html}"
         )
     return result
 
@@ -130,14 +131,28 @@ def _run_distill(cfg: PipelineConfig, record: RunRecord, stage: StageFn, observe
 
 
 def _run_export(cfg: PipelineConfig, record: RunRecord, stage: StageFn) -> None:
+    """Every export of the plan; one whose int8 search ships nothing is recorded (its closest candidate kept under
+    its failed-gate name, not verified or benched) and the rest go on: the report shows its search, and the run
+    ends with exit 3 as for a failed verify gate."""
     from rslad_edge.export import export
+    from rslad_edge.export.search import SearchFailedError, SearchResult
+    from rslad_edge.runtime import sidecar_path
 
     assert record.student is not None
 
     def run() -> list[Path]:
-        record.exports, files = [], []
+        record.exports, record.export_failures, files = [], [], []
         for export_cfg in cfg.exports:
-            exported = export(export_cfg)
+            try:
+                exported = export(export_cfg)
+            except SearchFailedError as exc:  # the other artifacts go on; the report shows the search, exit 3
+                logger.warning("%s", exc)
+                search = exc.result.to_json() if isinstance(exc.result, SearchResult) else exc.result
+                kept = str(Path(exc.kept).resolve().relative_to(record.root.resolve())) if exc.kept else None
+                record.export_failures.append({"artifact": kept or export_cfg.onnx_name, "message": str(exc),
+                                               "search": search})
+                files += [exc.kept, sidecar_path(exc.kept)] if exc.kept is not None else []
+                continue
             record.exports += exported.artifacts()
             files += exported.files
         return files
