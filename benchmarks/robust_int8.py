@@ -9,7 +9,8 @@ Every artifact is made by ``rslad_edge.export.export`` (the CLI's path): ONNX fp
 recipe (``--min-agreement 0``: kept whatever its agreement, so it can be measured), ONNX int8 with ``--search``
 (when no recipe passes, its closest candidate, ``*.failed-gate.onnx``, is measured and the row says so), with
 ``--qat-epochs N`` the search stopped right after its QAT candidate (the all-int8 recipes, then QAT of the best;
-no layer in fp32), and with the mobile extra the .pte fp32 / int8 (default recipe; .pte recipes are not searched).
+no layer in fp32), and with the mobile extra the same for the .pte: fp32, int8 with the default recipe, searched,
+and QAT.
 Then, with --threads for every runtime and on the same --n seeded test images:
 
 - agreement: top-1 agreement with the checkpoint, with its 95% Wilson interval;
@@ -62,7 +63,15 @@ def make_artifacts(args: argparse.Namespace) -> list[dict[str, Any]]:
             qat_alpha=args.qat_alpha, confirm_n=args.confirm_n, name="qat")))
     if executorch_missing() is None:
         plans += [(".pte fp32", dict(format="executorch", precision="fp32")),
-                  (".pte int8, default recipe", dict(format="executorch", precision="int8", min_agreement=0.0))]
+                  (".pte int8, default recipe", dict(format="executorch", precision="int8", min_agreement=0.0)),
+                  (".pte int8, --search", dict(format="executorch", precision="int8", search=True,
+                                               search_budget=args.search_budget, confirm_n=args.confirm_n,
+                                               name="searched"))]
+        if args.qat_epochs:
+            plans.append((f".pte int8, QAT {args.qat_epochs} epochs", dict(
+                format="executorch", precision="int8", search=True,
+                search_budget=len(first_recipes("executorch")) + 1, qat_epochs=args.qat_epochs,
+                qat_alpha=args.qat_alpha, confirm_n=args.confirm_n, name="qat")))
     made = []
     for label, options in plans:
         started = time.perf_counter()
