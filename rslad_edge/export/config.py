@@ -139,7 +139,7 @@ class ExportConfig:
     qat_epochs: int = option(
         0, metavar="N", help="--search: when no all-int8 recipe passes, train the best one's own int8 graph for N "
         "epochs (quantization-aware, RSLAD's loss with the float model as teacher, PGD inside) before keeping "
-        "layers in fp32; resumable (state in OUT/.NAME.int8.onnx.qat). 0: off.")
+        "layers in fp32; resumable (state in OUT/.NAME.int8.onnx.qat, .pte.qat). 0: off.")
     qat_n: int = option(4096, help="--qat-epochs: training images per epoch (after the search's splits).")
     qat_lr: float = option(3e-3, help="--qat-epochs: SGD learning rate (momentum 0.9), decayed to 0 along a cosine.")
     qat_alpha: float = option(
@@ -147,7 +147,8 @@ class ExportConfig:
         "images only (about 4x cheaper).")
     qat_scale_lr: float = option(
         1e-3, help="--qat-epochs: Adam's learning rate on the log activation scales, which then learn too (LSQ; each "
-        "layer's int32 bias grid follows its input scale); 0 keeps the calibrated ranges.")
+        "layer's int32 bias grid follows its input scale); 0 keeps the calibrated ranges. ONNX only: a .pte's "
+        "ranges are tracked by moving averages.")
     workspace_gib: float = option(2.0, flags=("--workspace",), help="TensorRT builder workspace, GiB.")
     dla_core: int | None = option(None, help="TensorRT: build for this DLA core (GPU fallback on).")
     # TensorRT optimization profile for a dynamic batch: min 1, opt, max
