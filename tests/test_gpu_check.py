@@ -22,7 +22,7 @@ from rslad_edge.data import load_dataset
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 PHASES = ["env", "data", "teacher", "student", "export_fp32", "export_fp16", "bench", "verify", "window_eager",
-          "window_fp16", "window_compiled", "autoattack"]
+          "window_fp16", "autoattack", "window_compiled"]
 
 
 def _run_check(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -173,7 +174,13 @@ def test_bn_momentum_is_set_on_every_batchnorm_or_a_slow_one_is_warned_about(cap
     assert momenta(model) == {0.01}  # torchvision's own, for 600-epoch ImageNet runs
     with caplog.at_level("WARNING", logger="rslad_edge"):
         _set_bn_momentum(model, DistillConfig(student="torchvision:mobilenet_v3_small"), steps=234)
-    assert "keep 10% of their initial values" in caplog.text and "--bn-momentum 0.1" in caplog.text
+    assert "keep 9.5% of their initial values" in caplog.text
+    assert re.search(r"--bn-momentum 0\.1$", caplog.text, re.M)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rslad_edge"):  # a run too short even for PyTorch's default 0.1
+        _set_bn_momentum(create_model("mobilenetv2", 10), DistillConfig(), steps=40)
+    assert "momentum is 0.1: after this run's 40 steps" in caplog.text and "keep 1.5%" in caplog.text
+    assert re.search(r"--bn-momentum 0\.11$", caplog.text, re.M)  # 0.89 ** 40 < 1%: advice that changes something
     caplog.clear()
     with caplog.at_level("WARNING", logger="rslad_edge"):
         _set_bn_momentum(model, DistillConfig(student="torchvision:mobilenet_v3_small"), steps=100_000)

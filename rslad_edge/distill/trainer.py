@@ -377,10 +377,12 @@ def _set_bn_momentum(student: nn.Module, cfg: DistillConfig, *, steps: int) -> N
         return
     slowest = min((layer.momentum for layer in layers if layer.momentum is not None), default=None)
     if slowest is not None and (1 - slowest) ** steps > STALE_BN_SHARE:
-        logger.warning("%s's BatchNorm momentum is %g: after this run's %d steps its running statistics keep %.0f%% of "
-                    "their initial values, so the eval-mode student (attacked, checked, exported) is not the one "
-                    "trained; pass --bn-momentum 0.1", cfg.student, slowest, steps,
-                    100 * (1 - slowest) ** steps)
+        # The advice: PyTorch's default 0.1, or the smallest momentum (rounded up to 0.01) that clears the share.
+        enough = math.ceil(100 * (1 - STALE_BN_SHARE ** (1 / max(steps, 1)))) / 100
+        logger.warning("%s's BatchNorm momentum is %g: after this run's %d steps its running statistics keep %.1f%% "
+                       "of their initial values, so the eval-mode student (attacked, checked, exported) is not the "
+                       "one trained; pass --bn-momentum %g", cfg.student, slowest, steps,
+                       100 * (1 - slowest) ** steps, max(0.1, enough))
 
 
 def _evaluation_split(
