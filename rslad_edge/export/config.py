@@ -85,7 +85,8 @@ class ExportConfig:
     format: str = option(
         "onnx", parse=_choice(FORMATS, "--format"),
         help="onnx; trt (the ONNX, then a TensorRT engine built on this GPU); ort (the ONNX, then its ONNX Runtime "
-        "Mobile form, .ort); executorch (a .pte lowered to XNNPACK, fp32 or int8; needs the mobile extra).")
+        "Mobile form, .ort); executorch (a .pte lowered to XNNPACK, fp32 or int8, and beside it NAME.twin.onnx, "
+        "the graph verify attacks it through; needs the mobile extra).")
     precision: str = option("fp32", parse=_choice(PRECISIONS, "--precision"),
                             help="fp32, fp16 (float32 I/O kept) or int8 (Q/DQ, calibrated).")
     opset: int = option(DEFAULT_OPSET, help="ONNX opset.")

@@ -53,6 +53,9 @@ class PteProgram:
     delegation: dict[str, Any]  # node counts in and out of the delegates, and the program's own calls
     quantization: dict[str, Any] | None  # None for fp32
     calibrated: torch.fx.GraphModule | None = None  # int8: the calibrated PT2E graph (fake_quantized: its twin)
+    # What the program computes, as a torch module for any batch (int8: the converted PT2E graph; fp32: the model);
+    # twin_onnx writes it as the ONNX that verify attacks the program through. None: the batch is static.
+    graph: nn.Module | None = None
 
 
 def torch_to_pte(
@@ -69,7 +72,7 @@ def torch_to_pte(
     """
     model = model.eval().float().cpu()
     example = (torch.rand(batch, *input_shape),)
-    quantization, calibrated = None, None
+    quantization, calibrated, graph = None, None, model
     try:
         with _quiet(), torch.no_grad():
             if precision == "int8":
@@ -78,6 +81,7 @@ def torch_to_pte(
                 quantized = _quantize(model, example, calib_images, calib_method, per_channel, float_nodes)
                 program, quantization, calibrated = (torch.export.export(quantized.converted, example),
                                                      quantized.info, quantized.calibrated)
+                graph = quantized.converted if calibrated is not None else None
             else:
                 program = torch.export.export(model, example)
             lowered, delegation = _lower(program)
@@ -86,7 +90,26 @@ def torch_to_pte(
     except Exception as exc:  # torch.export, the quantizer and the partitioner raise many unrelated types
         raise ExportError(describe_export_failure(exc, arch, target="ExecuTorch (XNNPACK)")) from exc
     delegation["program"] = read_delegation(lowered).to_dict()
-    return PteProgram(data=lowered, delegation=delegation, quantization=quantization, calibrated=calibrated)
+    return PteProgram(data=lowered, delegation=delegation, quantization=quantization, calibrated=calibrated,
+                      graph=graph)
+
+
+def twin_onnx(program: PteProgram, input_shape: tuple[int, int, int], *, opset: int, arch: str = "model") -> Any:
+    """The ONNX of what a ``.pte`` computes, for its differentiable twin (``runtime/twin.py``): the fp32 model, or
+    the int8 program's converted PT2E graph as Q/DQ (its own int8 weights, scales and zero points; XNNPACK runs the
+    same arithmetic in int8 kernels). Dynamic batch. ExportError when there is no such graph (the model's batch
+    could not be made dynamic)."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    from rslad_edge.export.onnx_export import torch_to_onnx
+
+    if program.graph is None:
+        raise ExportError("torch.export could not make the model's batch dynamic, so the program has no twin")
+    graph = program.graph
+    if isinstance(graph, torch.fx.GraphModule):
+        graph = allow_exported_model_train_eval(copy.deepcopy(graph))  # torch_to_onnx calls .eval()
+    with _quiet():
+        return torch_to_onnx(graph, input_shape, opset=opset, batch=None, arch=arch)
 
 
 @contextlib.contextmanager
@@ -337,10 +360,11 @@ class QatProgram:
 
     def program(self) -> PteProgram:
         example = (torch.rand(self.batch, *self.input_shape),)
+        converted = self.converted()
         with _quiet(), torch.no_grad():
-            lowered, delegation = _lower(torch.export.export(self.converted(), example))
+            lowered, delegation = _lower(torch.export.export(converted, example))
         delegation["program"] = read_delegation(lowered).to_dict()
-        return PteProgram(data=lowered, delegation=delegation, quantization=None)
+        return PteProgram(data=lowered, delegation=delegation, quantization=None, graph=converted)
 
     def write(self, path: Path) -> None:
         path.write_bytes(self.program().data)
@@ -378,4 +402,4 @@ def _lower(program: torch.export.ExportedProgram) -> tuple[bytes, dict[str, Any]
 
 
 __all__ = ["LOWERING", "PteProgram", "QatProgram", "fake_quantized", "float_groups", "layers_in_float",
-           "quantized_layers", "torch_to_pte"]
+           "quantized_layers", "torch_to_pte", "twin_onnx"]

@@ -239,11 +239,17 @@ def _failed_gate_path(final: Path) -> Path:
     return final.with_name(final.name.removesuffix(final.suffix) + ".failed-gate" + final.suffix)
 
 
-def _refuted(exc: ExportParityError, candidate: Path, metadata: dict[str, Any], final: Path) -> SearchFailedError:
-    """The search's choice, refuted by the test images' parity check: kept under its failed-gate name."""
+def _refuted(exc: ExportParityError, candidate: Path, metadata: dict[str, Any], final: Path,
+             twin: onnx.ModelProto | None = None) -> SearchFailedError:
+    """The search's choice, refuted by the test images' parity check: kept under its failed-gate name (with its
+    staged ``twin`` ONNX, a .pte's)."""
     kept = _failed_gate_path(final)
     os.replace(candidate, kept)
-    write_json(sidecar_path(kept), {**metadata, "gate": "failed"})
+    metadata = {**metadata, "artifact": kept.name, "gate": "failed"}
+    if kept.suffix == ".pte":
+        _place_twin(None, final, {})
+        _place_twin(twin, kept, metadata)
+    write_json(sidecar_path(kept), metadata)
     search = metadata["quantization"]["search"]
     chosen = search["candidates"][search["chosen"]]
     return SearchFailedError(
@@ -251,9 +257,11 @@ def _refuted(exc: ExportParityError, candidate: Path, metadata: dict[str, Any], 
         f"refute it: {'; '.join(exc.report.failures)}. Kept it as {kept}; nothing under {final.name}", search, kept)
 
 
-def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path) -> None:
+def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path, *,
+                           twin: Any = None) -> None:
     """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx or
-    .pte, with the search table in its sidecar); nothing under the final name (a stale one is removed)."""
+    .pte, with the search table in its sidecar, and a .pte's twin ONNX from ``twin``, its PteProgram); nothing
+    under the final name (a stale one is removed)."""
     kept = _failed_gate_path(final)
     best = exc.result.best
     metadata = _metadata(cfg, source, data, artifact=kept.name, precision_info={
@@ -263,6 +271,8 @@ def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc:
         _save_onnx(drop_unused_opsets(onnx.load(best.path)), metadata, staged)
     else:
         shutil.copyfile(best.path, staged)
+        _place_twin(None, final, {})
+        _place_twin(_stage_twin(cfg, source, twin, metadata) if twin else None, kept, metadata)
     os.replace(staged, kept)
     write_json(sidecar_path(kept), metadata)
     for stale in (final, sidecar_path(final)):
@@ -309,40 +319,44 @@ def _export_pte(cfg: ExportConfig, source: _Source, reference: np.ndarray, data:
     with tempfile.TemporaryDirectory(prefix=".export-", dir=cfg.out) as workdir_name:
         workdir = Path(workdir_name)
         if cfg.search:
-            program, quantization, delegation = _search_pte(cfg, source, data, workdir, pte_path)
+            built = _search_pte(cfg, source, data, workdir, pte_path)
         else:
             built = torch_to_pte(source.model, source.input_shape, batch=cfg.batch, precision=cfg.precision,
                                  arch=source.info["arch"], calib_images=data.calib_images,
                                  calib_method=cfg.calib_method)
-            program, quantization, delegation = built.data, built.quantization, built.delegation
+        quantization = built.quantization
         if quantization is not None:
             quantization["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
         metadata = _metadata(cfg, source, data, artifact=pte_path.name, precision_info=quantization or {},
-                             details={"exporter": LOWERING, "delegation": delegation},
+                             details={"exporter": LOWERING, "delegation": built.delegation},
                              versions=("executorch", "torchao"))
+        twin = _stage_twin(cfg, source, built, metadata)
         candidate = workdir / pte_path.name
-        candidate.write_bytes(program)
+        candidate.write_bytes(built.data)
         runner = ExecuTorchRunner(candidate)
         try:
             parity = _check_parity(runner, reference, data, cfg.thresholds, pte_path, searched=cfg.search)
         except ExportParityError as exc:
             if not cfg.search:
+                _place_twin(None, pte_path, {})  # no stale twin beside no .pte
                 raise
             del runner
-            raise _refuted(exc, candidate, metadata, pte_path) from exc
+            raise _refuted(exc, candidate, metadata, pte_path, twin) from exc
         del runner  # the runtime maps the file: release it before the rename
         os.replace(candidate, pte_path)
+        _place_twin(twin, pte_path, metadata)
     metadata["parity"] = parity.to_dict()
     write_json(sidecar_path(pte_path), metadata)
     shutil.rmtree(qat_state_dir(cfg), ignore_errors=True)  # its training is in the written program now
-    logger.info("wrote %s (%s): %s", pte_path, _delegation_summary(delegation), parity.summary())
+    twin_note = f"; twin {metadata['twin_onnx']}" if metadata.get("twin_onnx") else ""
+    logger.info("wrote %s (%s): %s%s", pte_path, _delegation_summary(built.delegation), parity.summary(), twin_note)
     return ExportedFile(pte_path, parity, metadata)
 
 
-def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, pte_path: Path,
-                ) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-    """The int8 search over .pte programs: the chosen program's bytes, its quantization (with the search) and
-    its delegation; raises SearchFailedError, the closest kept under its failed-gate name, when nothing passed."""
+def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, pte_path: Path) -> Any:
+    """The int8 search over .pte programs: the chosen program (a PteProgram, its quantization with the search);
+    raises SearchFailedError, the closest kept under its failed-gate name, when nothing passed."""
+    from rslad_edge.export.executorch_export import PteProgram
     from rslad_edge.export.search import PteCandidates
 
     settings = _search_settings(cfg, source.info, target="executorch")
@@ -352,11 +366,41 @@ def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, 
     try:
         result = _search(cfg, source.model, artifacts, settings, data)
     except SearchFailedError as exc:
-        _keep_failed_candidate(cfg, source, data, exc, pte_path)
+        best = exc.result.best
+        _keep_failed_candidate(cfg, source, data, exc, pte_path, twin=PteProgram(
+            data=b"", delegation={}, quantization=None, graph=artifacts.graph(best.path)))
         raise
     quantization = {**result.chosen.quant_info, "search": result.to_json()}
     delegation = quantization.pop("delegation")
-    return result.chosen.path.read_bytes(), quantization, delegation
+    return PteProgram(data=result.chosen.path.read_bytes(), delegation=delegation, quantization=quantization,
+                      graph=artifacts.graph(result.chosen.path))
+
+
+def _stage_twin(cfg: ExportConfig, source: _Source, built: Any, metadata: dict[str, Any]) -> onnx.ModelProto | None:
+    """The ONNX of what the .pte ``built`` computes (executorch_export.twin_onnx): verify attacks the .pte through
+    its twin. None, with the reason in ``metadata`` and a warning, when there is none: the .pte is still exported."""
+    from rslad_edge.export.executorch_export import twin_onnx
+
+    try:
+        return twin_onnx(built, source.input_shape, opset=cfg.opset, arch=source.info["arch"])
+    except RsladEdgeError as exc:
+        metadata["twin_onnx_error"] = str(exc)
+        logger.warning("%s: no twin ONNX (%s); verify will attack it by transfer and Square only",
+                       metadata["artifact"], exc)
+        return None
+
+
+def _place_twin(twin: onnx.ModelProto | None, artifact: Path, metadata: dict[str, Any]) -> None:
+    """Write ``twin`` as NAME.twin.onnx beside ``artifact`` (NAME.pte), with the artifact's metadata, and name it with
+    its sha256 in ``metadata``; without one, remove a stale twin of an earlier export."""
+    target = artifact.with_name(artifact.name.removesuffix(artifact.suffix) + ".twin.onnx")
+    if twin is None:
+        target.unlink(missing_ok=True)
+        return
+    staged = target.with_name(f".{target.name}.tmp")
+    _save_onnx(twin, {**metadata, "artifact": target.name, "batch": "dynamic", "twin_of": artifact.name}, staged)
+    os.replace(staged, target)
+    metadata.update(twin_onnx=target.name, twin_onnx_sha256=sha256_file(target))
 
 
 def _delegation_summary(delegation: dict[str, Any]) -> str:

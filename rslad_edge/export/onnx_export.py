@@ -43,7 +43,8 @@ def torch_to_onnx(
     """
     if importlib.util.find_spec("onnxscript") is None:
         raise ExportError("ONNX export needs onnxscript (torch's ONNX exporter): pip install 'rslad-edge[export]'")
-    model = model.eval().float().cpu()
+    model.eval()  # not chained: an exported graph's eval (allow_exported_model_train_eval) returns None
+    model = model.float().cpu()
     example = torch.rand(batch or 2, *input_shape)  # 2, not 1: torch.export specialises a size-1 dimension
     dynamic_shapes = None if batch else ({0: torch.export.Dim("batch")},)
     # The exporter prints its progress on stdout; route it to the debug log instead of the CLI's output.

@@ -404,6 +404,7 @@ class PteCandidates:
         self.settings, self.workdir, self.arch = settings, workdir, arch
         self.batch = settings.static_batch or 1
         self._calibrated: dict[Path, Any] = {}  # candidate -> the PT2E graph its twin is made from
+        self._graphs: dict[Path, Any] = {}  # candidate -> what it computes, for any batch (PteProgram.graph)
         self.groups: dict[str, tuple[str, ...]] = {}  # layer (module name) -> the graph nodes it needs in float
         self._training: Any = None  # the QatProgram of the QAT candidate
 
@@ -429,7 +430,7 @@ class PteCandidates:
 
     def build(self, recipe: Recipe) -> tuple[Path, dict[str, Any]]:
         path, program = self._write("int8", recipe)
-        self._calibrated[path] = program.calibrated
+        self._calibrated[path], self._graphs[path] = program.calibrated, program.graph
         chosen = [f"{layer} (fp32, graph nodes {', '.join(self.groups[layer])}: chosen by the int8 search)"
                   for layer in recipe.float_nodes]
         float_nodes = [name for name in program.quantization["float_nodes"] if "(the classifier" in name]
@@ -449,10 +450,15 @@ class PteCandidates:
         trained graph converted."""
         assert self._training is not None
         program = self._training.program()
-        self._calibrated[path] = self._training.converted()
+        self._calibrated[path] = self._graphs[path] = program.graph
         return path, {**info, "flow": "PT2E QAT (torchao prepare_qat_pt2e / convert_pt2e)",
                       "activations": "int8 per tensor, asymmetric, moving-average min / max (QAT)",
                       "delegation": program.delegation}
+
+    def graph(self, path: Path) -> Any:
+        """What the candidate at ``path`` computes, for any batch (None: its batch is static): its twin ONNX's
+        source once it is chosen."""
+        return self._graphs.get(path)
 
     def twin(self, path: Path) -> torch.nn.Module:
         from rslad_edge.export.executorch_export import fake_quantized

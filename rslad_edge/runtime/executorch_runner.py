@@ -16,6 +16,8 @@ is loaded (XNNPACK binds a program to the pool when it loads), so a conflicting 
 A ``.pte`` is exported for one batch size (torch.export specialises it; rslad-edge records it in the sidecar).
 ``predict`` serves any batch by splitting it into calls of that size and padding the last one with zero images,
 and the runner says so (``static_batch``), like a static-batch ONNX model.
+
+White-box attacks go through ``twin()``: the ONNX of the program's graph that export writes beside the ``.pte``.
 """
 
 from __future__ import annotations
@@ -229,6 +231,15 @@ class ExecuTorchRunner:
             out = self._method.execute([batch])[0]
             logits[part] = out.numpy()[: part.stop - part.start]
         return logits
+
+    def twin(self) -> Any:
+        """The differentiable twin (:mod:`rslad_edge.runtime.twin`) of what the program computes. A ``.pte`` holds
+        its int8 scales inside the XNNPACK delegate, so export writes that graph beside it as an ONNX (fp32: the
+        model; int8: the converted PT2E graph as Q/DQ, its own int8 weights and scales), named with its sha256 in
+        the sidecar (``twin_onnx``); verify's agreement check then compares the twin with the program."""
+        from rslad_edge.runtime.twin import built_from_onnx_twin
+
+        return built_from_onnx_twin(self.path, self.metadata, key="twin_onnx")
 
     def __repr__(self) -> str:
         return f"ExecuTorchRunner({self.path!r}, {self.precision}, {self.provider})"

@@ -105,23 +105,26 @@ def onnx_twin(path: str | Path) -> OnnxTwin:
     return OnnxTwin(model, source=str(path))
 
 
-def built_from_onnx_twin(artifact: str | Path, metadata: dict[str, Any]) -> OnnxTwin:
-    """The twin of an artifact built from an ONNX (a TensorRT engine, a mobile format): the twin of that ONNX, which
-    must lie beside the artifact, named by its sidecar (``onnx``), with the sha256 the sidecar recorded."""
+def built_from_onnx_twin(artifact: str | Path, metadata: dict[str, Any], *, key: str = "onnx") -> OnnxTwin:
+    """The twin of an artifact that is not an ONNX itself: the twin of an ONNX beside it, named by the artifact's
+    sidecar under ``key`` with its sha256 under ``KEY_sha256``. ``onnx``: the ONNX it was built from (a TensorRT
+    engine, a ``.ort``); ``twin_onnx``: the graph a ``.pte`` computes, written by export for this purpose."""
     from rslad_edge.io import sha256_file
 
     name = Path(artifact).name
-    onnx_name = metadata.get("onnx")
+    what = "the ONNX it was built from" if key == "onnx" else "its twin's ONNX"
+    onnx_name = metadata.get(key)
     if not onnx_name:
-        raise TwinUnavailableError(f"{name} has no sidecar naming the ONNX it was built from, so it has no twin")
+        raise TwinUnavailableError(f"{name} has no sidecar naming {what}, so it has no twin")
     onnx_path = Path(artifact).with_name(str(onnx_name))
     if not onnx_path.is_file():
-        raise TwinUnavailableError(f"the ONNX {name} was built from, {onnx_path.name}, is not beside it: its twin is "
-                                   "built from that file")
-    expected = metadata.get("onnx_sha256")
+        raise TwinUnavailableError(f"{what[0].upper()}{what[1:]} for {name}, {onnx_path.name}, is not beside it: its "
+                                   "twin is built from that file")
+    expected = metadata.get(f"{key}_sha256")
     if expected and sha256_file(onnx_path) != expected:
-        raise TwinUnavailableError(f"{onnx_path.name} changed since {name} was built from it (sha256 differs from the "
-                                   "sidecar's): rebuild it")
+        since, fix = ("was built from it", "rebuild it") if key == "onnx" else ("was exported", "export again")
+        raise TwinUnavailableError(f"{onnx_path.name} changed since {name} {since} (sha256 differs from the "
+                                   f"sidecar's): {fix}")
     return onnx_twin(onnx_path)
 
 
