@@ -253,8 +253,13 @@ def test_a_pte_gate_nothing_meets_keeps_the_best_under_a_failed_gate_name(checkp
     assert metadata["gate"] == "failed" and metadata["quantization"]["search"]["format"] == "executorch"
     from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
 
-    assert ExecuTorchRunner(tmp_path / "student.int8.failed-gate.pte").predict(
-        np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    kept = ExecuTorchRunner(tmp_path / "student.int8.failed-gate.pte")
+    assert kept.predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+    assert metadata["twin_onnx"] == "student.int8.failed-gate.twin.onnx"  # the kept program can be verified
+    images = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        twin_logits = kept.twin()(torch.from_numpy(images)).numpy()
+    assert (twin_logits.argmax(1) == kept.predict(images).argmax(1)).mean() >= 0.9
 
 
 @needs_executorch
