@@ -11,10 +11,10 @@ parity, so it can be measured), then, on the same seeded test images (verify's s
 - agreement: top-1 agreement with the checkpoint on ``--n`` images, with its 95% Wilson interval, and the median
   |logit difference|;
 - robust accuracy: ``rslad-edge verify ARTIFACT --reference CHECKPOINT`` on the first ``--robust-n`` of them:
-  PGD_SAT and CW through the artifact's differentiable twin (a .pte has none: transfer and Square only), PGD
-  transferred from the checkpoint, and Square (``--square-queries``); the worst case per image over all of them and
-  its drop against the checkpoint's worst case over the same attacks (a .pte: over transfer and Square), with the
-  paired 95% interval. The checkpoint's own rows are measured once and reused.
+  PGD_SAT and CW through the artifact's differentiable twin (a .pte's: the ``.twin.onnx`` export writes beside it),
+  PGD transferred from the checkpoint, and Square (``--square-queries``); the worst case per image over all of them
+  and its drop against the checkpoint's worst case over the same attacks, with the paired 95% interval. The
+  checkpoint's own rows are measured once and reused.
 
 No timings: agreement and robustness only (latency: ``benchmarks/robust_int8.py``, ``rslad-edge bench``).
 """
@@ -40,8 +40,7 @@ from rslad_edge.runtime.executorch_runner import executorch_missing
 from rslad_edge.stats import wilson_ci95
 from rslad_edge.versions import package_versions
 
-ONNX_ATTACKS = ["pgd_sat", "cw", "transfer_pgd", "square"]
-PTE_ATTACKS = ["transfer_pgd", "square"]  # no differentiable twin of a .pte
+ATTACKS = ["pgd_sat", "cw", "transfer_pgd", "square"]
 
 
 def recipes(with_pte: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -62,18 +61,18 @@ def measure_agreement(path: Path, reference_logits: np.ndarray, images: np.ndarr
             "median_abs_logit_diff": float(np.median(np.abs(logits - reference_logits)))}
 
 
-def measure_robust(path: Path, args: argparse.Namespace, reference_rows: dict[bool, Any]) -> dict[str, Any]:
-    """verify against the checkpoint; ``reference_rows``: the checkpoint's own rows by is-a-.pte, reused."""
+def measure_robust(path: Path, args: argparse.Namespace, reference_rows: dict[str, Any]) -> dict[str, Any]:
+    """verify against the checkpoint; ``reference_rows``: the checkpoint's own rows, measured once and reused."""
     from rslad_edge.verify import VerifyConfig, verify_artifact
     from rslad_edge.verify.report import WORST_CASE_ROW
 
-    attacks = PTE_ATTACKS if path.suffix == ".pte" else ONNX_ATTACKS
+    attacks = ATTACKS
     started = time.perf_counter()
     report = verify_artifact(VerifyConfig(
         artifact=path, reference=args.checkpoint, arch=args.arch, dataset=args.dataset, data_root=args.data_root,
         n=args.robust_n, attacks=attacks, square_queries=args.square_queries, threads=args.threads, device="cpu",
-        seed=args.seed), reference_measured=reference_rows.get(path.suffix == ".pte"))
-    reference_rows.setdefault(path.suffix == ".pte", report.reference)
+        seed=args.seed), reference_measured=reference_rows.get("checkpoint"))
+    reference_rows.setdefault("checkpoint", report.reference)
     return {"attacks": attacks, "clean_acc": report.clean_acc, "robust_acc": report.robust_acc,
             "worst_case_acc": report.worst_case_acc, "worst_case_ci95": report.accuracy_ci95(WORST_CASE_ROW),
             "reference_worst_case_acc": report.reference.worst_case_acc,
@@ -83,7 +82,7 @@ def measure_robust(path: Path, args: argparse.Namespace, reference_rows: dict[bo
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\n{args.checkpoint}: agreement on {args.n} seeded test images; worst case on the first {args.robust_n} "
-          f"(PGD_SAT, CW through the twin, transfer PGD, Square {args.square_queries}; .pte: transfer, Square)")
+          f"(PGD_SAT, CW through the twin, transfer PGD, Square {args.square_queries})")
     print("| recipe | agreement, 95% interval | median abs Δlogit | worst-case robust: artifact / checkpoint | "
           "drop, paired 95% |")
     print("|---|---|---|---|---|")
@@ -125,7 +124,7 @@ def main() -> None:
         plans = [(label, options) for label, options in plans if any(w in label for w in wanted)]
     rows: list[dict[str, Any]] = []
     images = reference_logits = None
-    reference_rows: dict[bool, Any] = {}
+    reference_rows: dict[str, Any] = {}
     for label, options in plans:
         result = export(ExportConfig(checkpoint=args.checkpoint, arch=args.arch, out=args.out, dataset=args.dataset,
                                      data_root=args.data_root, precision="int8", min_agreement=0.0, **options))

@@ -14,9 +14,9 @@ and QAT.
 Then, with --threads for every runtime and on the same --n seeded test images:
 
 - agreement: top-1 agreement with the checkpoint, with its 95% Wilson interval;
-- robust accuracy: ``rslad-edge verify`` against the checkpoint: PGD_SAT and CW (white-box; an ONNX through its
-  twin, a .pte has none and faces transfer only), transfer PGD from the checkpoint; the worst case per image, and its
-  drop against the checkpoint's worst case with the paired 95% interval;
+- robust accuracy: ``rslad-edge verify`` against the checkpoint: PGD_SAT and CW (white-box, through the artifact's
+  twin; a .pte's is the ``.twin.onnx`` export writes beside it), transfer PGD from the checkpoint; the worst case
+  per image, and its drop against the checkpoint's worst case with the paired 95% interval;
 - latency: ``rslad-edge bench``'s loop, p50 at batch 1 and 64 over --seconds.
 
 Figures are only meaningful on a quiet machine: run it alone.
@@ -125,8 +125,6 @@ def print_table(made: list[dict[str, Any]], n: int) -> None:
         verify = item["verify"]
         drop = verify["drop_pp"]
         drop_text = "" if drop is None else f" ({drop:+.1f} ± {verify['drop_ci95_pp'] or 0:.1f} pp)"
-        if item["path"].suffix == ".pte":  # no twin: transfer PGD only, so not comparable with the white-box rows
-            drop_text += ", transfer only"
         print(f"| {item['label']} | {item['size_mb']:.2f} | {item['p50_ms'][1]:.2f} | {item['p50_ms'][64]:.1f} | "
               f"{item['agreement']:.1%} [{low:.1%}, {high:.1%}] | {verify['worst_case_acc']:.1%}{drop_text} |")
     checkpoint = next((i["verify"]["reference_worst_case_acc"] for i in made
