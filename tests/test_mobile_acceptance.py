@@ -86,13 +86,16 @@ def test_shared_teacher_as_pte_agrees_with_torch_verifies_and_benches_like_a_bar
 
     cli = CliRunner()
     verify_json = tmp_path / "verify.json"
-    result = cli.invoke(app, ["verify", str(fp32.path), "--reference", str(teacher), "--arch", "resnet18",
+    result = cli.invoke(app, ["verify", str(int8.path), "--reference", str(teacher), "--arch", "resnet18",
                               "--dataset", "imagefolder", "--data-root", str(cifar10), "--n", "16",
-                              "--square-queries", "20", "--threads", str(THREADS), "--json", str(verify_json)])
+                              "--attacks", "pgd_sat,transfer_pgd,square", "--square-queries", "20",
+                              "--threads", str(THREADS), "--json", str(verify_json)])
     assert result.exit_code == 0, result.output
     report = json.loads(verify_json.read_text())
+    print(f"int8 .pte verify: twin {report['twin']}, robust {report['robust_acc']}")
     assert report["backend"] == "executorch" and report["provider"].startswith("XNNPACK (")
-    assert {"transfer_pgd", "transfer_cw", "square"} <= set(report["robust_acc"])
+    assert {"pgd_sat", "transfer_pgd", "square"} <= set(report["robust_acc"])
+    assert report["gradients"] == "twin" and report["twin"]["agreement"] >= 15 / 16  # the .twin.onnx beside it
 
     bench_json = tmp_path / "bench.json"
     result = cli.invoke(app, ["bench", str(fp32.path), "--batch", "1", "--threads", str(THREADS), "--seconds", "5",
