@@ -94,18 +94,17 @@ def torch_to_pte(
                       graph=graph)
 
 
-def twin_onnx(program: PteProgram, input_shape: tuple[int, int, int], *, opset: int, arch: str = "model") -> Any:
-    """The ONNX of what a ``.pte`` computes, for its differentiable twin (``runtime/twin.py``): the fp32 model, or
-    the int8 program's converted PT2E graph as Q/DQ (its own int8 weights, scales and zero points; XNNPACK runs the
-    same arithmetic in int8 kernels). Dynamic batch. ExportError when there is no such graph (the model's batch
-    could not be made dynamic)."""
+def twin_onnx(graph: nn.Module | None, input_shape: tuple[int, int, int], *, opset: int, arch: str = "model") -> Any:
+    """The ONNX of what a ``.pte`` computes (its :attr:`PteProgram.graph`), for its differentiable twin
+    (``runtime/twin.py``): the fp32 model, or the int8 program's converted PT2E graph as Q/DQ (its own int8 weights,
+    scales and zero points; XNNPACK runs the same arithmetic in int8 kernels). Dynamic batch. ExportError when there
+    is no such graph (None: the model's batch could not be made dynamic)."""
     from torchao.quantization.pt2e import allow_exported_model_train_eval
 
     from rslad_edge.export.onnx_export import torch_to_onnx
 
-    if program.graph is None:
+    if graph is None:
         raise ExportError("torch.export could not make the model's batch dynamic, so the program has no twin")
-    graph = program.graph
     if isinstance(graph, torch.fx.GraphModule):
         graph = allow_exported_model_train_eval(copy.deepcopy(graph))  # torch_to_onnx calls .eval()
     with _quiet():

@@ -258,10 +258,10 @@ def _refuted(exc: ExportParityError, candidate: Path, metadata: dict[str, Any], 
 
 
 def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc: Any, final: Path, *,
-                           twin: Any = None) -> None:
+                           graph: Any = None) -> None:
     """The search's closest candidate under a name that says it failed the gate (NAME.int8.failed-gate.onnx or
-    .pte, with the search table in its sidecar, and a .pte's twin ONNX from ``twin``, its PteProgram); nothing
-    under the final name (a stale one is removed)."""
+    .pte, with the search table in its sidecar, and a .pte's twin ONNX made from ``graph``, what it computes);
+    nothing under the final name (a stale one is removed)."""
     kept = _failed_gate_path(final)
     best = exc.result.best
     metadata = _metadata(cfg, source, data, artifact=kept.name, precision_info={
@@ -272,7 +272,7 @@ def _keep_failed_candidate(cfg: ExportConfig, source: _Source, data: _Data, exc:
     else:
         shutil.copyfile(best.path, staged)
         _place_twin(None, final, {})
-        _place_twin(_stage_twin(cfg, source, twin, metadata) if twin else None, kept, metadata)
+        _place_twin(_stage_twin(cfg, source, graph, metadata), kept, metadata)
     os.replace(staged, kept)
     write_json(sidecar_path(kept), metadata)
     for stale in (final, sidecar_path(final)):
@@ -330,7 +330,7 @@ def _export_pte(cfg: ExportConfig, source: _Source, reference: np.ndarray, data:
         metadata = _metadata(cfg, source, data, artifact=pte_path.name, precision_info=quantization or {},
                              details={"exporter": LOWERING, "delegation": built.delegation},
                              versions=("executorch", "torchao"))
-        twin = _stage_twin(cfg, source, built, metadata)
+        twin = _stage_twin(cfg, source, built.graph, metadata)
         candidate = workdir / pte_path.name
         candidate.write_bytes(built.data)
         runner = ExecuTorchRunner(candidate)
@@ -366,9 +366,7 @@ def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, 
     try:
         result = _search(cfg, source.model, artifacts, settings, data)
     except SearchFailedError as exc:
-        best = exc.result.best
-        _keep_failed_candidate(cfg, source, data, exc, pte_path, twin=PteProgram(
-            data=b"", delegation={}, quantization=None, graph=artifacts.graph(best.path)))
+        _keep_failed_candidate(cfg, source, data, exc, pte_path, graph=artifacts.graph(exc.result.best.path))
         raise
     quantization = {**result.chosen.quant_info, "search": result.to_json()}
     delegation = quantization.pop("delegation")
@@ -376,13 +374,13 @@ def _search_pte(cfg: ExportConfig, source: _Source, data: _Data, workdir: Path, 
                       graph=artifacts.graph(result.chosen.path))
 
 
-def _stage_twin(cfg: ExportConfig, source: _Source, built: Any, metadata: dict[str, Any]) -> onnx.ModelProto | None:
-    """The ONNX of what the .pte ``built`` computes (executorch_export.twin_onnx): verify attacks the .pte through
-    its twin. None, with the reason in ``metadata`` and a warning, when there is none: the .pte is still exported."""
+def _stage_twin(cfg: ExportConfig, source: _Source, graph: Any, metadata: dict[str, Any]) -> onnx.ModelProto | None:
+    """The ONNX of ``graph``, what a .pte computes (executorch_export.twin_onnx): verify attacks the .pte through its
+    twin. None, with the reason in ``metadata`` and a warning, when there is none: the .pte is still exported."""
     from rslad_edge.export.executorch_export import twin_onnx
 
     try:
-        return twin_onnx(built, source.input_shape, opset=cfg.opset, arch=source.info["arch"])
+        return twin_onnx(graph, source.input_shape, opset=cfg.opset, arch=source.info["arch"])
     except RsladEdgeError as exc:
         metadata["twin_onnx_error"] = str(exc)
         logger.warning("%s: no twin ONNX (%s); verify will attack it by transfer and Square only",
