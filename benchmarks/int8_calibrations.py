@@ -33,6 +33,7 @@ import torch
 from rslad_edge.bench.env import cpu_model
 from rslad_edge.console import setup_logging
 from rslad_edge.data import load_sample, to_float
+from rslad_edge.device import cpu_saturates_u8s8
 from rslad_edge.export import ExportConfig, export
 from rslad_edge.export.config import FORMAT_CALIB_METHODS
 from rslad_edge.runtime import load_runner
@@ -117,7 +118,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     versions = package_versions(("torch", "onnxruntime", "executorch"))
-    print(f"# {cpu_model()}, {args.threads} threads; {versions}", flush=True)
+    weights = ("7-bit weights for --target cpu: this CPU is x86 without VNNI (export's default there)"
+               if cpu_saturates_u8s8() else "8-bit weights")
+    print(f"# {cpu_model()}, {args.threads} threads; {weights}; {versions}", flush=True)
     plans = recipes(with_pte=executorch_missing() is None)
     if args.only:
         wanted = args.only.split(",")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 import types
 from dataclasses import dataclass
 
@@ -31,6 +32,31 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
 def cpu_has_fast_bf16() -> bool:
     """AVX-512 BF16 or AMX: the CPUs on which bf16 autocast is a measured speed-up rather than a slow-down."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags of an int8 dot product without overflow
+
+
+def cpu_saturates_u8s8(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI (AVX2 only): ONNX Runtime's uint8 x int8 kernels there add pairs of products
+    in 16 bits with saturation (``vpmaddubsw``), which 8-bit weights overflow (255 x 127 x 2 > 32767), so an int8
+    graph's fused kernels compute something else than its Q/DQ semantics. 7-bit weights (``reduce_range``) fit.
+    False on ARM and every other machine, and where the flags cannot be read and torch does not know either."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in X86_MACHINES:
+        return False
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            cpuinfo = ""
+    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines()
+                  if line.partition(":")[0].strip() == "flags"), None)
+    if flags is None:  # not Linux: what torch's CPU probe says (AVX-512 VNNI only)
+        return bool(torch.cpu._is_avx2_supported() and not torch.cpu._is_vnni_supported())
+    return not any(flag in flags for flag in VNNI_FLAGS)
 
 
 @dataclass(frozen=True)

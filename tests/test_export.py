@@ -17,12 +17,13 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from rslad_edge.cli import app
+from rslad_edge.device import cpu_saturates_u8s8
 from rslad_edge.errors import ConfigError, DatasetError, ExportError, ExportParityError
 from rslad_edge.export import ExportConfig, compare_logits, export
 from rslad_edge.export.onnx_export import torch_to_onnx
 from rslad_edge.io import sha256_file
 from rslad_edge.models import save_checkpoint
-from rslad_edge.runtime import decode_props, load_runner
+from rslad_edge.runtime import OnnxRunner, decode_props, load_runner
 
 PARITY_N = 64  # shapes test images per parity check: enough to see a flip, small enough for two shared cores
 CALIB_N = 128
@@ -170,6 +171,94 @@ def test_int8_cpu_export_is_qdq_with_uint8_activations_and_int8_weights(int8_cpu
     assert int8_cpu.metadata["quantization"]["activations"] == "uint8 asymmetric"
 
 
+def _weight_codes(path) -> np.ndarray:
+    """Every int8 weight code of the convolutions of an int8 graph."""
+    model = onnx.load(path)
+    initializers = {init.name: init for init in model.graph.initializer}
+    return np.concatenate([numpy_helper.to_array(initializers[n.input[0]]).ravel() for n in model.graph.node
+                           if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+                           and len(initializers[n.input[0]].dims) == 4])
+
+
+def test_cpu_saturates_u8s8_reads_the_cpus_int8_dot_product_flags():
+    avx2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f\n"
+    assert cpu_saturates_u8s8(avx2, "x86_64")  # AVX2 / AVX-512 without VNNI: vpmaddubsw, 16-bit saturation
+    for flag in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert not cpu_saturates_u8s8(avx2.replace("fma", f"fma {flag}"), "x86_64"), flag
+    assert not cpu_saturates_u8s8("processor\t: 0\nFeatures\t: fp asimd asimddp\n", "aarch64")
+
+
+@pytest.mark.skipif(not cpu_saturates_u8s8(), reason="needs an x86 CPU without VNNI (whose U8S8 kernels saturate)")
+def test_on_this_cpu_8bit_weights_saturate_onnx_runtimes_fused_kernels_and_the_default_7bit_ones_do_not(
+        checkpoint, tmp_path):
+    """Real ONNX Runtime on a CPU without VNNI: the int8 graph with 8-bit weights computes something else through
+    its fused kernels than its own Q/DQ semantics; the default export here has 7-bit weights, which fit."""
+    from rslad_edge.runtime import OnnxRunner
+
+    eight = export(config(checkpoint, tmp_path / "8", precision="int8", reduce_range=False, min_agreement=0))
+    seven = export(config(checkpoint, tmp_path / "7", precision="int8", min_agreement=INT8_AGREEMENT))
+    assert int(np.abs(_weight_codes(seven.onnx_path)).max()) <= 64 < int(np.abs(_weight_codes(eight.onnx_path)).max())
+    images, _ = _shapes_test_images(256)
+
+    def fused_vs_reference(path) -> tuple[float, float]:
+        fused, exact = OnnxRunner(path).predict(images), OnnxRunner(path, reference=True).predict(images)
+        return float(np.abs(fused - exact).max()), float((fused.argmax(1) == exact.argmax(1)).mean())
+
+    (eight_diff, _), (seven_diff, seven_agreement) = fused_vs_reference(eight.onnx_path), fused_vs_reference(
+        seven.onnx_path)
+    assert eight_diff > 10 * seven_diff, (eight_diff, seven_diff)
+    assert seven_agreement >= 0.97
+
+
+def test_int8_cpu_export_takes_7bit_weights_where_the_cpu_saturates_and_records_why(checkpoint, tmp_path,
+                                                                                   monkeypatch):
+    import rslad_edge.device
+
+    monkeypatch.setattr(rslad_edge.device, "cpu_saturates_u8s8", lambda *args, **kwargs: True)
+    auto = export(config(checkpoint, tmp_path / "auto", precision="int8", min_agreement=0))
+    quantization = auto.metadata["quantization"]
+    assert quantization["weights"].startswith("int7") and "without VNNI" in quantization["reduce_range"]
+    assert int(np.abs(_weight_codes(auto.onnx_path)).max()) <= 64
+    off = export(config(checkpoint, tmp_path / "off", precision="int8", reduce_range=False, min_agreement=0))
+    assert off.metadata["quantization"]["weights"].startswith("int8") and "reduce_range" not in off.metadata[
+        "quantization"]
+    monkeypatch.setattr(rslad_edge.device, "cpu_saturates_u8s8", lambda *args, **kwargs: False)
+    on = export(config(checkpoint, tmp_path / "on", precision="int8", reduce_range=True, min_agreement=0))
+    assert on.metadata["quantization"]["weights"].startswith("int7") and "reduce_range" not in on.metadata[
+        "quantization"]
+    assert not config(checkpoint, tmp_path / "x", precision="int8").seven_bit_weights  # a VNNI or ARM CPU: 8-bit
+
+
+def test_an_int8_graph_for_tensorrt_is_checked_on_its_qdq_semantics_where_the_cpu_saturates(checkpoint, tmp_path,
+                                                                                           monkeypatch):
+    """ONNX Runtime's CPU stands in for TensorRT in the parity check; on an x86 CPU without VNNI its fused S8S8
+    kernels saturate where TensorRT does not, so the graph is run with optimizations off (the reference)."""
+    import rslad_edge.device
+    from rslad_edge.runtime import onnx_runner
+
+    monkeypatch.setattr(rslad_edge.device, "cpu_saturates_u8s8", lambda *args, **kwargs: True)
+    created = []
+    real = onnx_runner.OnnxRunner.__init__
+
+    def recording(self, path, **kwargs):
+        created.append(kwargs.get("reference", False))
+        real(self, path, **kwargs)
+
+    monkeypatch.setattr(onnx_runner.OnnxRunner, "__init__", recording)
+    result = export(config(checkpoint, tmp_path / "trt", precision="int8", target="trt",
+                           min_agreement=INT8_AGREEMENT))
+    assert created and all(created)
+    assert "optimizations off" in result.metadata["quantization"]["checked_on"]
+    assert result.metadata["quantization"]["weights"].startswith("int8")  # TensorRT's weights keep their 8 bits
+
+
+@pytest.mark.parametrize("args", [["--precision", "int8", "--target", "trt"], ["--precision", "fp32"]])
+def test_reduce_range_outside_int8_for_the_cpu_is_one_line(checkpoint, args):
+    result = cli.invoke(app, ["export", str(checkpoint), *args, "--reduce-range"])
+    assert result.exit_code == 2, result.output
+    assert "--reduce-range applies to int8 ONNX for --target cpu" in _text(result.output)
+
+
 def test_int8_trt_export_is_symmetric_int8_with_zero_point_0(int8_trt):
     assert int8_trt.onnx_path.name == "student.int8-trt.onnx"
     _, zero_points, _ = _quantize_nodes(int8_trt.onnx_path)
@@ -184,7 +273,9 @@ def test_int8_exports_agree_with_torch_on_most_images(int8_cpu, int8_trt, checkp
     assert len(np.unique(torch_top1)) >= 5  # predictions spread over the classes: agreement is not trivial
     for result in (int8_cpu, int8_trt):
         assert result.parity.passed and result.parity.agreement >= INT8_AGREEMENT
-        runner = load_runner(result.onnx_path)
+        # TensorRT's graph, on a CPU whose fused S8S8 kernels saturate: its Q/DQ semantics, as export checks it
+        runner = load_runner(result.onnx_path) if result is int8_cpu else OnnxRunner(
+            result.onnx_path, reference=cpu_saturates_u8s8())
         assert runner.precision == "int8"
         assert (runner.predict(images).argmax(1) == torch_top1).mean() >= INT8_AGREEMENT
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from rslad_edge.device import cpu_saturates_u8s8
 from rslad_edge.io import sha256_file
 from rslad_edge.models import load_checkpoint
 from rslad_edge.runtime import (
     MIN_TWIN_AGREEMENT,
+    OnnxRunner,
     OnnxTwin,
     TwinUnavailableError,
     load_runner,
@@ -36,7 +38,18 @@ def images() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _ort_logits(path, x: torch.Tensor) -> torch.Tensor:
+    """ONNX Runtime's logits; for TensorRT's S8S8 graph on an x86 CPU without VNNI, whose fused S8S8 kernels saturate
+    where TensorRT does not, its Q/DQ semantics (graph optimizations off), as export checks it there."""
+    if cpu_saturates_u8s8() and _signed_activations(path):
+        return torch.from_numpy(OnnxRunner(path, threads=1, reference=True).predict(x.numpy()))
     return torch.from_numpy(load_runner(path, "cpu", threads=1).predict(x.numpy()))
+
+
+def _signed_activations(path) -> bool:
+    graph = onnx.load(str(path)).graph
+    zero_points = {init.name: init.data_type for init in graph.initializer}
+    return any(zero_points.get(node.input[2]) == onnx.TensorProto.INT8 for node in graph.node
+               if node.op_type == "QuantizeLinear" and len(node.input) > 2)
 
 
 # Largest |logit difference| twin vs ONNX Runtime. fp32: summation order only. fp16: the runtime's own float16

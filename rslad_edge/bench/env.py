@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rslad_edge.device import cpu_saturates_u8s8
 from rslad_edge.versions import package_versions
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def probe_env(*, with_gpu: bool = True) -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_model": cpu_model(),
+        "cpu_int8_saturates": cpu_saturates_u8s8(),
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": physical_cores(),
         "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),

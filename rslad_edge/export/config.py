@@ -100,6 +100,12 @@ class ExportConfig:
         None, parse=_choice(TARGETS, "--target"), default_text="trt with --format trt, else cpu",
         help="Where the int8 model runs: cpu (uint8 activations (U8S8), ONNX Runtime's fast path) or trt "
         "(symmetric int8 (S8S8), what TensorRT needs).")
+    reduce_range: bool | None = option(
+        None, flags=("--reduce-range/--no-reduce-range",), default_text="on where this CPU is x86 without VNNI",
+        help="int8 --target cpu: 7-bit weights (ONNX Runtime's reduce_range). An x86 CPU without VNNI (AVX2 only) "
+        "adds uint8 x int8 products in 16 bits with saturation, which 8-bit weights overflow: there the int8 model "
+        "disagrees with its own graph on many images. Export checks parity on this CPU, so it is on here when this "
+        "CPU is one; pass it when the target is one, --no-reduce-range for an ARM or VNNI target.")
     calib_n: int = option(512, help="Training images to calibrate int8 on.")
     calib_method: str = option(
         "minmax", parse=_choice(CALIB_METHODS, "--calib-method"),
@@ -184,6 +190,10 @@ class ExportConfig:
         if self.format == "trt" and self.precision == "int8" and self.target != "trt":
             raise ConfigError("--target cpu gives uint8 activations (U8S8), which TensorRT cannot build: drop "
                               "--target or use --target trt with --format trt")
+        if self.reduce_range is not None and (self.precision != "int8" or self.target != "cpu"
+                                              or self.format == "executorch"):
+            raise UsageError("--reduce-range applies to int8 ONNX for --target cpu (ONNX Runtime's U8S8 kernels); "
+                              "drop it")
         if self.format == "executorch":
             self._check_executorch()
         import onnx
@@ -250,6 +260,15 @@ class ExportConfig:
             raise UsageError(f"--max-drop is a bound in points and must be >= 0, got {self.max_drop:g}")
         if self.eps is not None:
             self.eps = parse_eps(self.eps)
+
+    @property
+    def seven_bit_weights(self) -> bool:
+        """--reduce-range resolved: as given, else on for int8 ONNX --target cpu where this CPU saturates."""
+        if self.reduce_range is not None:
+            return self.reduce_range
+        from rslad_edge.export.precision import default_reduce_range
+
+        return self.precision == "int8" and self.format != "executorch" and default_reduce_range(str(self.target))
 
     def _check_executorch(self) -> None:
         """ExecuTorch is installed (the mobile extra), and the options make sense for a .pte."""

@@ -212,8 +212,8 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
         candidate = workdir / onnx_path.name
         _save_onnx(proto, metadata, candidate)
         try:
-            parity = _check_parity(OnnxRunner(candidate, device="cpu"), reference, data, cfg.thresholds, onnx_path,
-                                   searched=cfg.search)
+            parity = _check_parity(OnnxRunner(candidate, device="cpu", reference=_reference_semantics(cfg)),
+                                   reference, data, cfg.thresholds, onnx_path, searched=cfg.search)
         except ExportParityError as exc:
             if not cfg.search:
                 raise
@@ -225,6 +225,14 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
     shutil.rmtree(qat_state_dir(cfg), ignore_errors=True)  # its training is in the written graph now
     logger.info("wrote %s: %s", onnx_path, parity.summary())
     return ExportedFile(onnx_path, parity, metadata)
+
+
+def _reference_semantics(cfg: ExportConfig) -> bool:
+    """An int8 graph for TensorRT is checked here on ONNX Runtime's CPU as a stand-in; on an x86 CPU without VNNI
+    its fused S8S8 kernels saturate (TensorRT's do not), so the check runs the graph's Q/DQ semantics instead."""
+    from rslad_edge.device import cpu_saturates_u8s8
+
+    return cfg.precision == "int8" and cfg.target == "trt" and cpu_saturates_u8s8()
 
 
 def qat_state_dir(cfg: ExportConfig) -> Path:
@@ -512,8 +520,15 @@ def _build_onnx(
     else:
         quantized_path = workdir / "int8.onnx"
         quant_info = quantize_int8(fp32_path, quantized_path, data.calib_images, target=cfg.target,
+                                   reduce_range=cfg.seven_bit_weights,
                                    method=cfg.calib_method, static_batch=cfg.batch, workdir=workdir)
     quant_info["calib_data"] = f"{data.dataset} train, seed {cfg.seed}"
+    if _reference_semantics(cfg):
+        quant_info["checked_on"] = ("ONNX Runtime CPU with graph optimizations off (the Q/DQ semantics TensorRT "
+                                    "runs): this CPU's fused S8S8 kernels saturate (x86 without VNNI)")
+    if cfg.seven_bit_weights and cfg.reduce_range is None:
+        quant_info["reduce_range"] = ("7-bit weights: the CPU that exported it is x86 without VNNI, whose uint8 x "
+                                      "int8 kernels saturate on 8-bit weights (--no-reduce-range for other targets)")
     return drop_unused_opsets(onnx.load(quantized_path)), quant_info
 
 
@@ -529,7 +544,7 @@ def _search_settings(cfg: ExportConfig, info: dict[str, Any], *, target: str) ->
            if cfg.qat_epochs else None)
     return SearchSettings(target=target, static_batch=cfg.batch, eps=eps, min_agreement=cfg.thresholds[1],
                           max_drop=cfg.max_drop, budget=cfg.search_budget, seed=cfg.seed, qat=qat,
-                          min_speedup=cfg.min_speedup)
+                          min_speedup=cfg.min_speedup, reduce_range=cfg.seven_bit_weights)
 
 
 def _search(cfg: ExportConfig, model: torch.nn.Module, artifacts: Any, settings: Any, data: _Data) -> Any:

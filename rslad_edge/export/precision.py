@@ -84,6 +84,14 @@ class ImageReader:
         return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch)}
 
 
+def default_reduce_range(target: str) -> bool:
+    """7-bit weights for ``--target cpu`` where this CPU is x86 without VNNI (its U8S8 kernels saturate on 8-bit
+    weights, :func:`rslad_edge.device.cpu_saturates_u8s8`); TensorRT's weights (``trt``) keep 8 bits."""
+    from rslad_edge.device import cpu_saturates_u8s8
+
+    return target == "cpu" and cpu_saturates_u8s8()
+
+
 def quantize_int8(
     fp32_path: Path,
     out_path: Path,
@@ -94,7 +102,7 @@ def quantize_int8(
     static_batch: int | None,
     workdir: Path,
     per_channel: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     float_nodes: tuple[str, ...] = (),
     keep_activations: bool = False,
 ) -> dict[str, Any]:
@@ -102,7 +110,8 @@ def quantize_int8(
 
     ``calib_images``: float32 (N, C, H, W) in [0, 1], training images (never the test images parity uses).
     ``per_channel``: one weight scale per output channel (the default) or one per tensor. ``reduce_range``: 7-bit
-    weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels can saturate on full-range weights.
+    weights, for x86 CPUs without VNNI, whose uint8 x int8 kernels saturate on full-range weights; None:
+    :func:`default_reduce_range`.
     ``float_nodes``: nodes that run in float32 (:func:`keep_float`), by name, as :func:`quantizable_nodes` gives them.
     The prepared (pre-processed float) model is left in ``workdir`` as ``prepared.onnx``. ``keep_activations``
     (implied by ``float_nodes``): ReLU / Clip stay nodes of the graph instead of being folded into the range of the
@@ -121,6 +130,8 @@ def quantize_int8(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if reduce_range is None:
+        reduce_range = default_reduce_range(target)
     symmetric = target == "trt"
     activation_type = QuantType.QInt8 if symmetric else QuantType.QUInt8
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.MinMax,

@@ -118,10 +118,11 @@ class OnnxGraph:
 
     suffix = ".onnx"
 
-    def __init__(self, base_path: Path, settings: QatSettings, *, threads: int | None = None) -> None:
+    def __init__(self, base_path: Path, settings: QatSettings, *, threads: int | None = None,
+                 reference: bool = False) -> None:
         from rslad_edge.runtime.twin import OnnxTwin
 
-        self.base, self.threads = onnx.load(str(base_path)), threads
+        self.base, self.threads, self.reference = onnx.load(str(base_path)), threads, reference
         self.module = OnnxTwin(self.base, source=base_path.name, trainable=True, learn_scales=settings.scale_lr > 0)
         self.sha256 = _sha256(base_path.read_bytes())
 
@@ -134,7 +135,7 @@ class OnnxGraph:
     def predict(self, path: Path, images: np.ndarray) -> np.ndarray:
         from rslad_edge.runtime import OnnxRunner
 
-        return OnnxRunner(path, device="cpu", threads=self.threads).predict(images)
+        return OnnxRunner(path, device="cpu", threads=self.threads, reference=self.reference).predict(images)
 
 
 def train_int8(

@@ -8,8 +8,8 @@ candidates are ONNX Q/DQ graphs (:class:`OnnxCandidates`) or, for ``--format exe
 Candidates, in order (``--search-budget`` of them at most):
 
 1. every layer in int8 (equally fast): the default recipe (minmax ranges, per-channel weights), then percentile
-   and entropy ranges, per-tensor weights and, for ``--target cpu``, 7-bit weights (``reduce_range``: x86 CPUs
-   without VNNI can saturate on full-range weights); for a ``.pte``: minmax, histogram, per-tensor weights;
+   and entropy ranges, per-tensor weights (each with 7-bit weights under ``--reduce-range``, on by default where
+   this CPU is x86 without VNNI); for a ``.pte``: minmax, histogram, per-tensor weights;
 2. with ``--qat-epochs N`` (ONNX): the best of those, trained for N epochs by quantization-aware training of its
    own graph (export/qat.py): still every layer in int8, so as fast as the first candidates;
 3. the best all-int8 recipe with its most sensitive layers in float32 (1, 2, 4, 8, ... of them, never all: that
@@ -240,6 +240,7 @@ class SearchSettings:
     threads: int | None = None
     qat: QatSettings | None = None  # None: no QAT candidate
     min_speedup: float = 1.0  # a candidate's speed at batch 64 over the fp32 ONNX's, at least (0: any)
+    reduce_range: bool = False  # --target cpu: 7-bit weights in every recipe (x86 CPUs without VNNI)
 
     @property
     def attack(self) -> AttackSpec:
@@ -247,16 +248,13 @@ class SearchSettings:
                           random_start="uniform")
 
 
-def first_recipes(target: str) -> list[Recipe]:
+def first_recipes(target: str, reduce_range: bool = False) -> list[Recipe]:
     """Every-layer-int8 recipes for ``target`` (cpu, trt: ONNX; executorch: the .pte), the default first (a model
-    that passes with it costs one candidate)."""
+    that passes with it costs one candidate); 7-bit weights in each with ``reduce_range`` (``--target cpu``)."""
     if target == "executorch":  # XNNPACK's quantizer: the two activation observers export offers, per-tensor weights
         return [Recipe(), Recipe(calib_method="histogram"), Recipe(per_channel=False)]
-    recipes = [Recipe(), Recipe(calib_method="percentile"), Recipe(calib_method="entropy"),
-               Recipe(per_channel=False)]
-    if target == "cpu":
-        recipes.append(Recipe(reduce_range=True))
-    return recipes
+    return [Recipe(calib_method=method, per_channel=per_channel, reduce_range=reduce_range)
+            for method, per_channel in (("minmax", True), ("percentile", True), ("entropy", True), ("minmax", False))]
 
 
 def fallback_counts(layers: int) -> Iterator[int]:
@@ -308,7 +306,7 @@ def search_int8(
             result.chosen = candidate
         return candidate.passed or len(result.candidates) >= settings.budget
 
-    for recipe in first_recipes(settings.target):
+    for recipe in first_recipes(settings.target, settings.reduce_range):
         if attempt(recipe):
             return result
     best = max(result.candidates, key=Candidate.score)
@@ -341,9 +339,23 @@ class OnnxCandidates:
         self.fp32_path, self.calib_images, self.settings, self.workdir = fp32_path, calib_images, settings, workdir
 
     def fp32_runner(self) -> Any:
-        return self.runner(self.fp32_path)
+        return self.timer(self.fp32_path)
 
     def runner(self, path: Path) -> Any:
+        """What judges a candidate: for --target trt on an x86 CPU without VNNI, its Q/DQ semantics (TensorRT's),
+        not the CPU's saturating fused kernels."""
+        from rslad_edge.runtime import OnnxRunner
+
+        return OnnxRunner(path, device="cpu", threads=self.settings.threads, reference=self.reference)
+
+    @property
+    def reference(self) -> bool:
+        from rslad_edge.device import cpu_saturates_u8s8
+
+        return self.settings.target == "trt" and cpu_saturates_u8s8()
+
+    def timer(self, path: Path) -> Any:
+        """What times a candidate: ONNX Runtime's fused kernels, as bench runs it."""
         from rslad_edge.runtime import OnnxRunner
 
         return OnnxRunner(path, device="cpu", threads=self.settings.threads)
@@ -360,7 +372,7 @@ class OnnxCandidates:
     def trainable(self, candidate: Candidate) -> OnnxGraph:
         """``candidate``'s graph for QAT (export/qat.py)."""
         assert candidate.path is not None and self.settings.qat is not None
-        return OnnxGraph(candidate.path, self.settings.qat, threads=self.settings.threads)
+        return OnnxGraph(candidate.path, self.settings.qat, threads=self.settings.threads, reference=self.reference)
 
     def trained(self, path: Path, info: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         """The QAT candidate's graph (written by the training) as a built candidate."""
@@ -422,6 +434,9 @@ class PteCandidates:
 
     def fp32_runner(self) -> Any:
         return self.runner(self._write("fp32")[0])
+
+    def timer(self, path: Path) -> Any:
+        return self.runner(path)
 
     def runner(self, path: Path) -> Any:
         from rslad_edge.runtime.executorch_runner import ExecuTorchRunner
@@ -508,7 +523,7 @@ def _try(recipe: Recipe, artifacts: OnnxCandidates | PteCandidates, path: Path, 
     confirmation split only for what passed the search split."""
     candidate = Candidate(recipe)
     runner = artifacts.runner(path)
-    candidate.latency_ms = _latency(runner, search.images)
+    candidate.latency_ms = _latency(artifacts.timer(path), search.images)
     batch = max(LATENCY_BATCHES)
     speedup = fp32_ms[str(batch)] / candidate.latency_ms[batch]
     if settings.min_speedup > 0 and speedup < settings.min_speedup:

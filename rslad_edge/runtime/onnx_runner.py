@@ -85,9 +85,13 @@ class OnnxRunner:
         threads: int | None = None,
         batch_size: int | None = None,
         spinning: bool = True,
+        reference: bool = False,
     ) -> None:
         """``spinning=False``: ONNX Runtime's threads sleep as soon as a run ends instead of spinning for the next
-        one; right where other work runs between calls (verify's attacks), wrong for a latency loop (bench)."""
+        one; right where other work runs between calls (verify's attacks), wrong for a latency loop (bench).
+        ``reference=True``: graph optimizations off, so a Q/DQ graph runs as its operators say (dequantize, float
+        operator, quantize) instead of through fused int8 kernels: what TensorRT computes, where this CPU's fused
+        kernels compute something else (x86 without VNNI, :func:`rslad_edge.device.cpu_saturates_u8s8`)."""
         import onnxruntime as ort
 
         self.path = str(path)
@@ -105,7 +109,8 @@ class OnnxRunner:
         self.metadata = info.metadata if info is not None else {}
         self.precision = info.precision if info is not None else "unknown"
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
+                                            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
