@@ -152,14 +152,6 @@ class ExportConfig:
     qat_alpha: float = option(
         5 / 6, default_text="5/6, RSLAD's", help="--qat-epochs: weight of the adversarial term; 0 trains on clean "
         "images only (about 4x cheaper).")
-    qat_temperature: float = option(
-        1.0, metavar="T", help="--qat-epochs: both KL terms compare softmax(logits / T); 1 is RSLAD's. Under 1 the "
-        "loss weighs the float model's top class against its runner-up more than the other classes (the gate is "
-        "top-1 agreement; a model with small margins needs that), e.g. 0.25.")
-    qat_augment: bool = option(
-        False, flags=("--qat-augment/--no-qat-augment",),
-        help="--qat-epochs: a fresh random crop + flip of every batch (distill's recipe for the input size), the "
-        "float model labelling each view, so the int8 graph matches it on more than the --qat-n stored images.")
     qat_scale_lr: float = option(
         1e-3, help="--qat-epochs: Adam's learning rate on the log activation scales, which then learn too (LSQ; each "
         "layer's int32 bias grid follows its input scale); 0 keeps the calibrated ranges. ONNX only: a .pte's "
@@ -245,9 +237,6 @@ class ExportConfig:
             raise UsageError("--qat-epochs trains a candidate of the int8 search: add --search")
         if not self.qat_lr > 0:
             raise UsageError(f"--qat-lr must be > 0, got {self.qat_lr:g}")
-        if not self.qat_temperature > 0:
-            raise UsageError(f"--qat-temperature is a positive softmax temperature (1: RSLAD's), got "
-                             f"{self.qat_temperature:g}")
         if not self.qat_scale_lr >= 0:
             raise UsageError(f"--qat-scale-lr must be >= 0 (0: activation scales as calibrated), got "
                              f"{self.qat_scale_lr:g}")

@@ -539,8 +539,7 @@ def _search_settings(cfg: ExportConfig, info: dict[str, Any], *, target: str) ->
 
     eps = cfg.eps if cfg.eps is not None else float((info.get("meta") or {}).get("eps") or 8 / 255)
     qat = (QatSettings(cfg.qat_epochs, lr=cfg.qat_lr, alpha=cfg.qat_alpha, eps=eps, seed=cfg.seed,
-                       scale_lr=cfg.qat_scale_lr, temperature=cfg.qat_temperature,
-                       augment=cfg.qat_augment)
+                       scale_lr=cfg.qat_scale_lr)
            if cfg.qat_epochs else None)
     return SearchSettings(target=target, static_batch=cfg.batch, eps=eps, min_agreement=cfg.thresholds[1],
                           max_drop=cfg.max_drop, budget=cfg.search_budget, seed=cfg.seed, qat=qat,

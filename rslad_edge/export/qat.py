@@ -14,11 +14,8 @@ The loss is RSLAD's with the float checkpoint as its own teacher: ``alpha * KL(F
 KL(F(x) || Q(x))``, F the float model, Q the int8 graph, x' crafted by PGD on Q (KL to F's soft labels, RSLAD's inner
 attack). The float model, not the robust teacher it was distilled from, gives the soft labels because the gate is
 parity with it (agreement, and robust accuracy within ``--max-drop`` of its own); ``--qat-alpha 0`` trains on clean
-images only (about four times cheaper). ``--qat-temperature T`` compares softmax(logits / T) in both terms (1, RSLAD's,
-by default); under 1 the float model's top class against its runner-up weighs more than the other classes.
-``--qat-augment`` crops and flips every batch afresh, the float model labelling each view. Weights: SGD with
-momentum, its learning rate decaying to 0 along a cosine over the epochs, the gradient norm clipped at 1 (Adam's
-normalised steps move int32 biases by many grid steps at once).
+images only (about four times cheaper). Weights: SGD with momentum, its learning rate decaying to 0 along a cosine over
+the epochs, the gradient norm clipped at 1 (Adam's normalised steps move int32 biases by many grid steps at once).
 Activation scales: Adam on the log of each scale's ratio to its calibrated value, at ``--qat-scale-lr`` along the
 same cosine, so that a step changes a scale by about that fraction whatever its size.
 
@@ -68,8 +65,6 @@ class QatSettings:
     momentum: float = 0.9
     max_grad_norm: float = 1.0  # clip each step's gradient norm (an int8 graph far from its float model can diverge)
     scale_lr: float = 1e-3  # Adam's step on the log activation scales (LSQ); 0: activation scales as calibrated
-    temperature: float = 1.0  # both KL terms on softmax(logits / T); 1: RSLAD's
-    augment: bool = False  # a fresh random crop + flip of every batch (distill's recipe), soft labels on that view
     seed: int = 0
 
     def lr_at(self, step: int, steps: int) -> float:
@@ -182,13 +177,13 @@ def train_graph(
 
     x_all = torch.from_numpy(images)
     with torch.no_grad():
-        soft_all = None if settings.augment else torch.cat([model(batch) for batch in x_all.split(256)]).float()
+        soft_all = torch.cat([model(batch) for batch in x_all.split(256)]).float()
     judge_images, judge_predictions = judge
     epoch = start
     try:
         for epoch in range(start, settings.epochs + 1):
             started = time.perf_counter()
-            loss, norm = _train_epoch(twin, optimizer, x_all, soft_all, model, settings, epoch)
+            loss, norm = _train_epoch(twin, optimizer, x_all, soft_all, settings, epoch)
             staged = state_dir / f".epoch{epoch}{graph.suffix}"
             graph.write(staged)
             agreement = float((graph.predict(staged, judge_images).argmax(1) == judge_predictions).mean())
@@ -219,13 +214,10 @@ def train_graph(
     return result
 
 
-def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Tensor, soft_all: torch.Tensor | None,
-                 model: torch.nn.Module, settings: QatSettings, epoch: int) -> tuple[float, float]:
-    """One epoch over ``x_all`` in a seeded order (the same on a resume); (mean loss, median gradient norm). With
-    ``settings.augment`` each batch is a fresh crop + flip and the float ``model`` labels that view (``soft_all`` is
-    None); otherwise ``soft_all`` holds its logits of ``x_all``."""
+def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Tensor,
+                 soft_all: torch.Tensor, settings: QatSettings, epoch: int) -> tuple[float, float]:
+    """One epoch over ``x_all`` in a seeded order (the same on a resume); (mean loss, median gradient norm)."""
     from rslad_edge.attacks.pgd import pgd
-    from rslad_edge.data.augment import augment_batch, augment_recipe
     from rslad_edge.distill.losses import rslad_terms
 
     batches = math.ceil(len(x_all) / settings.batch_size)
@@ -235,21 +227,14 @@ def _train_epoch(twin: torch.nn.Module, optimizer: _Optimizers, x_all: torch.Ten
     for index in range(batches):
         optimizer.set_lr(settings, (epoch - 1) * batches + index, settings.epochs * batches)
         chosen = order[index * settings.batch_size:(index + 1) * settings.batch_size]
-        if soft_all is None:
-            x = augment_batch(x_all[chosen], generator, recipe=augment_recipe(tuple(x_all.shape[-2:])))
-            with torch.no_grad():
-                soft = model(x).float()
-        else:
-            x, soft = x_all[chosen], soft_all[chosen]
+        x, soft = x_all[chosen], soft_all[chosen]
         if settings.alpha > 0:
             x_adv = pgd(twin, x, None, eps=settings.eps, step_size=settings.step_size, steps=settings.attack_steps,
                         loss="kl", random_start="normal", target_probs=F.softmax(soft, dim=1), generator=generator,
                         clamp_start=False)
-            adv_logits, clean_logits = twin(x_adv), twin(x)
+            loss = rslad_terms(twin(x_adv), twin(x), soft, alpha=settings.alpha).total
         else:
-            adv_logits = clean_logits = twin(x)
-        t = settings.temperature
-        loss = rslad_terms(adv_logits / t, clean_logits / t, soft / t, alpha=settings.alpha).total
+            loss = rslad_terms(twin(x), twin(x), soft, alpha=0.0).total
         if not torch.isfinite(loss):
             raise TrainingDivergedError(
                 f"int8 QAT: the loss is {loss.item()} at epoch {epoch}, batch {index + 1}; the last finished epoch "
@@ -327,10 +312,6 @@ def describe(settings: QatSettings, n: int) -> dict[str, Any]:
     """What the training was, for the search's record."""
     loss = ("KL to the float model's soft labels on clean images" if settings.alpha == 0 else
             f"RSLAD form, alpha {settings.alpha:.3g}, PGD-{settings.attack_steps} (KL, step 2.5 eps / steps) inside")
-    if settings.temperature != 1:
-        loss += f", softmax temperature {settings.temperature:g}"
-    if settings.augment:
-        loss += ", a fresh random crop + flip of every batch"
     return {"epochs": settings.epochs, "images": n, "lr": settings.lr, "batch_size": settings.batch_size,
             "optimizer": f"SGD, momentum {settings.momentum}, cosine to 0, gradient norm clipped at "
                          f"{settings.max_grad_norm:g}", "loss": loss, "eps": settings.eps,
