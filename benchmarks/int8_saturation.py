@@ -35,9 +35,9 @@ from rslad_edge.runtime import OnnxRunner, load_runner
 from rslad_edge.stats import wilson_ci95
 from rslad_edge.versions import package_versions
 
-ROWS = [("--target cpu, 8-bit weights (--no-reduce-range)", {"target": "cpu", "reduce_range": False}),
-        ("--target cpu, 7-bit weights (--reduce-range)", {"target": "cpu", "reduce_range": True}),
-        ("--target trt, 8-bit weights (S8S8)", {"target": "trt"})]
+ROWS = [("--target cpu, 8-bit weights (--no-reduce-range)", dict(target="cpu", reduce_range=False, name="cpu-8bit")),
+        ("--target cpu, 7-bit weights (--reduce-range)", dict(target="cpu", reduce_range=True, name="cpu-7bit")),
+        ("--target trt, 8-bit weights (S8S8)", dict(target="trt", name="trt"))]
 
 
 def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
@@ -67,8 +67,7 @@ def main() -> None:
     rows = []
     for label, options in ROWS:
         result = export(ExportConfig(checkpoint=args.checkpoint, arch=args.arch, out=args.out, dataset=args.dataset,
-                                     data_root=args.data_root, precision="int8", min_agreement=0.0,
-                                     name=f"{options['target']}-{options.get('reduce_range', False)}", **options))
+                                     data_root=args.data_root, precision="int8", min_agreement=0.0, **options))
         if images is None:
             metadata = json.loads(Path(f"{result.path}.json").read_text())
             test = load_sample(args.dataset or metadata.get("trained_on"), args.data_root, "test", args.n, args.seed,

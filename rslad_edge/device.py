@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import types
@@ -47,16 +48,22 @@ def cpu_saturates_u8s8(cpuinfo: str | None = None, machine: str | None = None) -
     if machine not in X86_MACHINES:
         return False
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", errors="replace") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = _cpuinfo()
     flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines()
                   if line.partition(":")[0].strip() == "flags"), None)
     if flags is None:  # not Linux: what torch's CPU probe says (AVX-512 VNNI only)
         return bool(torch.cpu._is_avx2_supported() and not torch.cpu._is_vnni_supported())
     return not any(flag in flags for flag in VNNI_FLAGS)
+
+
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once (the search asks for every runner it makes); empty where there is none."""
+    try:
+        with open("/proc/cpuinfo", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)

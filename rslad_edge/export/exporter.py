@@ -228,11 +228,10 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
 
 
 def _reference_semantics(cfg: ExportConfig) -> bool:
-    """An int8 graph for TensorRT is checked here on ONNX Runtime's CPU as a stand-in; on an x86 CPU without VNNI
-    its fused S8S8 kernels saturate (TensorRT's do not), so the check runs the graph's Q/DQ semantics instead."""
-    from rslad_edge.device import cpu_saturates_u8s8
+    """The int8 graph's parity is checked on its Q/DQ semantics (precision.checked_on_qdq_semantics)."""
+    from rslad_edge.export.precision import checked_on_qdq_semantics
 
-    return cfg.precision == "int8" and cfg.target == "trt" and cpu_saturates_u8s8()
+    return cfg.precision == "int8" and checked_on_qdq_semantics(str(cfg.target))
 
 
 def qat_state_dir(cfg: ExportConfig) -> Path:

@@ -350,9 +350,9 @@ class OnnxCandidates:
 
     @property
     def reference(self) -> bool:
-        from rslad_edge.device import cpu_saturates_u8s8
+        from rslad_edge.export.precision import checked_on_qdq_semantics
 
-        return self.settings.target == "trt" and cpu_saturates_u8s8()
+        return checked_on_qdq_semantics(self.settings.target)
 
     def timer(self, path: Path) -> Any:
         """What times a candidate: ONNX Runtime's fused kernels, as bench runs it."""
