@@ -201,7 +201,8 @@ def test_on_this_cpu_8bit_weights_saturate_onnx_runtimes_fused_kernels_and_the_d
     images, _ = _shapes_test_images(256)
 
     def fused_vs_reference(path) -> tuple[float, float]:
-        fused, exact = OnnxRunner(path).predict(images), OnnxRunner(path, reference=True).predict(images)
+        fused = OnnxRunner(path, reference=False).predict(images)
+        exact = OnnxRunner(path, reference=True).predict(images)
         return float(np.abs(fused - exact).max()), float((fused.argmax(1) == exact.argmax(1)).mean())
 
     (eight_diff, _), (seven_diff, seven_agreement) = fused_vs_reference(eight.onnx_path), fused_vs_reference(
@@ -267,16 +268,29 @@ def test_int8_trt_export_is_symmetric_int8_with_zero_point_0(int8_trt):
     assert int8_trt.metadata["target"] == "trt"
 
 
+@pytest.mark.parametrize("saturates", [True, False])
+def test_a_tensorrt_graph_runs_on_its_qdq_semantics_on_a_cpu_whose_fused_kernels_saturate(
+        int8_cpu, int8_trt, monkeypatch, saturates):
+    import rslad_edge.device
+
+    monkeypatch.setattr(rslad_edge.device, "cpu_saturates_u8s8", lambda *args, **kwargs: saturates)
+    assert load_runner(int8_trt.onnx_path).reference is saturates  # verify and bench open it so
+    assert load_runner(int8_cpu.onnx_path).reference is False  # ONNX Runtime's CPU is that graph's own target
+    assert OnnxRunner(int8_trt.onnx_path, reference=False).reference is False  # asked for: the fused kernels
+    if saturates:  # the same session options, the same numbers
+        images, _ = _shapes_test_images(32)
+        np.testing.assert_array_equal(load_runner(int8_trt.onnx_path).predict(images),
+                                      OnnxRunner(int8_trt.onnx_path, reference=True).predict(images))
+
+
 def test_int8_exports_agree_with_torch_on_most_images(int8_cpu, int8_trt, checkpoint):
     images, _ = _shapes_test_images(64)
     torch_top1 = load_runner(checkpoint).predict(images).argmax(1)
     assert len(np.unique(torch_top1)) >= 5  # predictions spread over the classes: agreement is not trivial
     for result in (int8_cpu, int8_trt):
         assert result.parity.passed and result.parity.agreement >= INT8_AGREEMENT
-        # TensorRT's graph, on a CPU whose fused S8S8 kernels saturate: its Q/DQ semantics, as export checks it
-        runner = load_runner(result.onnx_path) if result is int8_cpu else OnnxRunner(
-            result.onnx_path, reference=cpu_saturates_u8s8())
-        assert runner.precision == "int8"
+        runner = load_runner(result.onnx_path)  # TensorRT's graph on a saturating CPU: its Q/DQ semantics
+        assert runner.precision == "int8" and runner.reference == (result is int8_trt and cpu_saturates_u8s8())
         assert (runner.predict(images).argmax(1) == torch_top1).mean() >= INT8_AGREEMENT
 
 

@@ -228,10 +228,11 @@ def _export_onnx(cfg: ExportConfig, source: _Source, reference: np.ndarray, data
 
 
 def _reference_semantics(cfg: ExportConfig) -> bool:
-    """The int8 graph's parity is checked on its Q/DQ semantics (precision.checked_on_qdq_semantics)."""
-    from rslad_edge.export.precision import checked_on_qdq_semantics
+    """The int8 graph's parity is checked on its Q/DQ semantics (runtime.onnx_runner.qdq_semantics_on_cpu); said
+    explicitly because the graph being checked carries no metadata yet."""
+    from rslad_edge.runtime.onnx_runner import qdq_semantics_on_cpu
 
-    return cfg.precision == "int8" and checked_on_qdq_semantics(str(cfg.target))
+    return cfg.precision == "int8" and qdq_semantics_on_cpu(str(cfg.target))
 
 
 def qat_state_dir(cfg: ExportConfig) -> Path:

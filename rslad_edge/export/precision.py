@@ -92,15 +92,6 @@ def default_reduce_range(target: str) -> bool:
     return target == "cpu" and cpu_saturates_u8s8()
 
 
-def checked_on_qdq_semantics(target: str) -> bool:
-    """Whether an int8 graph for ``target`` is judged here (parity, the search, QAT) with ONNX Runtime's graph
-    optimizations off: TensorRT's graph (``trt``) where this CPU's fused S8S8 kernels saturate and TensorRT's do not
-    (:func:`rslad_edge.device.cpu_saturates_u8s8`); ONNX Runtime's CPU stands in for TensorRT there."""
-    from rslad_edge.device import cpu_saturates_u8s8
-
-    return target == "trt" and cpu_saturates_u8s8()
-
-
 def quantize_int8(
     fp32_path: Path,
     out_path: Path,

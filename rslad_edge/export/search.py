@@ -350,15 +350,15 @@ class OnnxCandidates:
 
     @property
     def reference(self) -> bool:
-        from rslad_edge.export.precision import checked_on_qdq_semantics
+        from rslad_edge.runtime.onnx_runner import qdq_semantics_on_cpu
 
-        return checked_on_qdq_semantics(self.settings.target)
+        return qdq_semantics_on_cpu(self.settings.target)
 
     def timer(self, path: Path) -> Any:
         """What times a candidate: ONNX Runtime's fused kernels, as bench runs it."""
         from rslad_edge.runtime import OnnxRunner
 
-        return OnnxRunner(path, device="cpu", threads=self.settings.threads)
+        return OnnxRunner(path, device="cpu", threads=self.settings.threads, reference=False)
 
     def build(self, recipe: Recipe, *, keep_activations: bool = False) -> tuple[Path, dict[str, Any]]:
         folder = Path(tempfile.mkdtemp(prefix="candidate-", dir=self.workdir))

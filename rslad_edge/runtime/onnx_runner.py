@@ -33,6 +33,16 @@ ORT_FORMAT_SUFFIXES = (".ort",)
 DEFAULT_MAX_BATCH = 256  # images per session.run for a dynamic-batch model: bounds memory, costs nothing in speed
 
 
+def qdq_semantics_on_cpu(target: str | None) -> bool:
+    """Whether an int8 graph for ``target`` runs on this CPU with ONNX Runtime's graph optimizations off (dequantize,
+    float operator, quantize, as the graph says): TensorRT's graph (``trt``) where this CPU's fused S8S8 kernels
+    saturate and TensorRT's do not (x86 without VNNI, :func:`rslad_edge.device.cpu_saturates_u8s8`). ONNX Runtime's
+    CPU stands in for TensorRT there: export's parity check, the int8 search, QAT, verify and bench all run it so."""
+    from rslad_edge.device import cpu_saturates_u8s8
+
+    return target == "trt" and cpu_saturates_u8s8()
+
+
 def choose_provider(
     device: str = "cpu", provider: str | None = None, available: list[str] | None = None
 ) -> tuple[str, int]:
@@ -85,13 +95,14 @@ class OnnxRunner:
         threads: int | None = None,
         batch_size: int | None = None,
         spinning: bool = True,
-        reference: bool = False,
+        reference: bool | None = None,
     ) -> None:
         """``spinning=False``: ONNX Runtime's threads sleep as soon as a run ends instead of spinning for the next
         one; right where other work runs between calls (verify's attacks), wrong for a latency loop (bench).
         ``reference=True``: graph optimizations off, so a Q/DQ graph runs as its operators say (dequantize, float
-        operator, quantize) instead of through fused int8 kernels: what TensorRT computes, where this CPU's fused
-        kernels compute something else (x86 without VNNI, :func:`rslad_edge.device.cpu_saturates_u8s8`)."""
+        operator, quantize) instead of through fused int8 kernels; ``False``: the fused kernels; ``None`` (default):
+        on for an int8 graph exported for TensorRT (metadata ``target: trt``) run on a CPU whose fused kernels
+        saturate (:func:`qdq_semantics_on_cpu`), so that what runs is what TensorRT computes."""
         import onnxruntime as ort
 
         self.path = str(path)
@@ -108,6 +119,14 @@ class OnnxRunner:
         info = None if ort_format else inspect_onnx(self.path)
         self.metadata = info.metadata if info is not None else {}
         self.precision = info.precision if info is not None else "unknown"
+        if reference is None:
+            reference = (requested == PROVIDERS["cpu"] and self.precision == "int8"
+                         and qdq_semantics_on_cpu(self.metadata.get("target")))
+            if reference:
+                logger.info("%s is an int8 graph for TensorRT and this CPU's fused int8 kernels saturate (x86 without "
+                            "VNNI): it runs as its Q/DQ operators say (ONNX Runtime's graph optimizations off), what "
+                            "TensorRT computes", Path(self.path).name)
+        self.reference = reference
         options = ort.SessionOptions()
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
                                             else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
@@ -203,4 +222,5 @@ class OnnxRunner:
         return onnx_twin(self.path)
 
     def __repr__(self) -> str:
-        return f"OnnxRunner({self.path!r}, {self.precision}, {self.provider})"
+        semantics = ", Q/DQ semantics" if self.reference else ""
+        return f"OnnxRunner({self.path!r}, {self.precision}, {self.provider}{semantics})"
