@@ -189,3 +189,40 @@ def test_bn_momentum_is_set_on_every_batchnorm_or_a_slow_one_is_warned_about(cap
     assert momenta(model) == {0.1}
     with pytest.raises(ConfigError, match="--bn-momentum is a fraction"):
         DistillConfig(bn_momentum=1.5)
+
+
+def test_a_bare_state_dict_teacher_takes_the_datas_own_size_and_a_checkpoint_its_own(tmp_path, caplog):
+    from PIL import Image
+
+    from rslad_edge.data.registry import own_size
+    from rslad_edge.distill.config import DistillConfig
+    from rslad_edge.distill.trainer import _teacher_size
+
+    def folder(name, sizes):
+        for split in ("train", "test"):
+            for label in ("a", "b"):
+                (tmp_path / name / split / label).mkdir(parents=True)
+                for index, (height, width) in enumerate(sizes):
+                    Image.new("RGB", (width, height)).save(tmp_path / name / split / label / f"{index}.png")
+        return tmp_path / name
+
+    uniform, mixed = folder("uniform", [(40, 48)] * 3), folder("mixed", [(40, 48), (64, 64)])
+    assert own_size("imagefolder", uniform) == (40, 48) and own_size("imagefolder", mixed) is None
+    assert own_size("cifar10") == (32, 32)
+
+    def size(root, info, **options):
+        cfg = DistillConfig(teacher="teacher.pt", teacher_arch="resnet18", dataset="imagefolder", data_root=str(root),
+                            input_size=96, **options)
+        return _teacher_size(cfg, info, (96, 96))
+
+    bare, recorded = {"input": {"range": [0.0, 1.0]}}, {"input": {"size": [32, 32]}}
+    with caplog.at_level("WARNING", logger="rslad_edge"):
+        assert size(uniform, bare) == (40, 48)  # what a teacher of this data was trained at, not the student's 96
+    assert "records no input size: it sees the student's 96x96 images resized to 40x48" in caplog.text
+    assert size(mixed, bare) == (96, 96)  # no size of its own: the student's
+    assert size(uniform, bare, teacher_input_size="64x80") == (64, 80)
+    assert size(uniform, recorded) == (32, 32)
+    with pytest.raises(ConfigError, match="records its input size, 32x32; --teacher-input-size is for a bare"):
+        size(uniform, recorded, teacher_input_size=64)
+    with pytest.raises(UsageError, match="--teacher-input-size takes H or HxW"):
+        DistillConfig(teacher_input_size="big")

@@ -162,6 +162,21 @@ def load_imagefolder_sample(
 # ---------------------------------------------------------------- scanning
 
 
+def imagefolder_own_size(root: str | Path, split: str = "train", probes: int = 64) -> tuple[int, int] | None:
+    """The (H, W) every image of ``root/split`` has, judged from the headers of ``probes`` files spread over the
+    split (nothing is decoded); None when they differ or none can be read."""
+    folder = _scan_split(Path(root), split)
+    picks = np.unique(np.linspace(0, len(folder.files) - 1, num=min(probes, len(folder.files))).astype(int))
+    sizes = set()
+    for index in picks:
+        try:
+            with Image.open(folder.files[index]) as image:
+                sizes.add((image.height, image.width))
+        except OSError:
+            continue
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def _scan_split(root: Path, split: str) -> _Folder:
     root = Path(root).expanduser().resolve()
     split_dir = root / split

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from rslad_edge.data.cifar import CIFAR_LAYOUTS, load_cifar
-from rslad_edge.data.imagefolder import load_imagefolder, load_imagefolder_sample
+from rslad_edge.data.imagefolder import imagefolder_own_size, load_imagefolder, load_imagefolder_sample
 from rslad_edge.data.imageset import ImageSet, subset
 from rslad_edge.data.preprocess import EvalResize, eval_resize, preprocess_tensor
 from rslad_edge.data.shapes import load_shapes
@@ -71,6 +71,15 @@ def load_dataset(
                                 memory_budget=memory_budget)
     data = _load_tensor_set(key, root, split, download=download, seed=seed, n_train=n_train, n_test=n_test)
     return _resize_tensor_set(data, resize, memory_budget)
+
+
+def own_size(name: str, root: str | Path | None = None) -> tuple[int, int] | None:
+    """The size the data's images have before any resizing: 32x32 for CIFAR and shapes; an image folder's when all
+    its training images share one (judged from file headers), else None."""
+    key = _check_request(name, "train", None, None)
+    if key == "imagefolder":
+        return imagefolder_own_size(_folder_root(root))
+    return (32, 32)
 
 
 def load_sample(

@@ -117,6 +117,11 @@ class DistillConfig:
         help="Architecture of a bare-state-dict teacher, e.g. wrn-34-10 or torchvision:resnet50.")
     teacher_kwargs: dict[str, Any] = option(
         {}, parse=key_values, help="Options of a bare-state-dict teacher's constructor, KEY=VALUE[,KEY=VALUE].")
+    teacher_input_size: list[int] | None = option(
+        None, parse=lambda value: parse_input_size(value, "--teacher-input-size"),
+        default_text="a checkpoint's own; a bare state dict: the data's own size (32 for CIFAR)",
+        help="Image size a bare-state-dict teacher was trained at, H or HxW; the student's batch is resized to it "
+        "inside the teacher's forward (differentiable), whatever --input-size is.")
     train_teacher: str | None = option(
         None, help="No teacher at hand: first train one of this architecture with SAT (this run's data and "
         "schedule) under OUT/teacher, then distil from it.")
@@ -211,6 +216,8 @@ class DistillConfig:
             raise ConfigError(f"--bn-momentum is a fraction in (0, 1] (PyTorch's default 0.1), got {self.bn_momentum}")
         if self.input_size is not None:
             self.input_size = parse_input_size(self.input_size)
+        if self.teacher_input_size is not None:
+            self.teacher_input_size = parse_input_size(self.teacher_input_size, "--teacher-input-size")
         if self.class_map_reduce not in CLASS_MAP_REDUCTIONS:
             raise unknown_name_error("--class-map-reduce", self.class_map_reduce, CLASS_MAP_REDUCTIONS,
                                      error=UsageError)

@@ -331,7 +331,7 @@ def _build(cfg: DistillConfig, dist: ddp.DistInfo) -> _Run:
 
     teacher = None
     if method.needs_teacher:
-        teacher = _load_teacher(cfg, train_set.classes, input_size, device, precision)
+        teacher, meta["teacher_input_size"] = _load_teacher(cfg, train_set.classes, input_size, device, precision)
         if not str(cfg.teacher).startswith("robustbench:"):
             meta["teacher_sha256"] = sha256_file(cfg.teacher)
 
@@ -424,10 +424,10 @@ ROBUSTBENCH_DATASETS = {"cifar10": (10, CIFAR_SIZE), "cifar100": (100, CIFAR_SIZ
 
 def _load_teacher(
     cfg: DistillConfig, classes: list[str], input_size: tuple[int, int], device: torch.device, precision: Precision
-) -> nn.Module:
+) -> tuple[nn.Module, list[int]]:
     """The teacher as the student sees it: its logits over the dataset's classes (through --class-map when it was
-    trained on others), on the student's images (resized inside when it was trained at another size). Its class
-    count is checked on load: one line when it does not fit."""
+    trained on others), on the student's images (resized inside when it was trained at another size), and the size
+    it takes. Its class count is checked on load: one line when it does not fit."""
     if str(cfg.teacher).startswith("robustbench:"):
         name = str(cfg.teacher).split(":", 1)[1]
         teacher_dataset = cfg.teacher_dataset or cfg.dataset
@@ -440,7 +440,7 @@ def _load_teacher(
     else:
         teacher, info = load_checkpoint(cfg.teacher, arch=cfg.teacher_arch, arch_kwargs=cfg.teacher_kwargs)
         teacher_classes = info["num_classes"]
-        teacher_size = tuple((info.get("input") or {}).get("size") or input_size)
+        teacher_size = _teacher_size(cfg, info, input_size)
     if cfg.class_map:
         teacher = ClassMapped(teacher, read_class_map(cfg.class_map, classes, teacher_classes), cfg.class_map_reduce)
     elif teacher_classes != len(classes):
@@ -450,7 +450,28 @@ def _load_teacher(
         )
     if teacher_size != tuple(input_size):
         teacher = Resized(teacher, teacher_size)
-    return precision.prepare(teacher.to(device).eval().requires_grad_(False), device)
+    return precision.prepare(teacher.to(device).eval().requires_grad_(False), device), list(teacher_size)
+
+
+def _teacher_size(cfg: DistillConfig, info: dict[str, Any], input_size: tuple[int, int]) -> tuple[int, int]:
+    """The size the teacher takes: its checkpoint's; for a bare state dict --teacher-input-size, else the data's own
+    size (what a teacher of this data was most likely trained at), else the student's."""
+    from rslad_edge.data.registry import own_size
+
+    recorded = (info.get("input") or {}).get("size")
+    if recorded:
+        if cfg.teacher_input_size and list(cfg.teacher_input_size) != list(recorded):
+            raise ConfigError(f"teacher '{cfg.teacher}' records its input size, {recorded[0]}x{recorded[1]}; "
+                              "--teacher-input-size is for a bare state dict: drop it")
+        return int(recorded[0]), int(recorded[1])
+    if cfg.teacher_input_size:
+        return int(cfg.teacher_input_size[0]), int(cfg.teacher_input_size[1])
+    size = own_size(cfg.dataset, cfg.data_root) or tuple(input_size)
+    if tuple(size) != tuple(input_size):
+        logger.warning("teacher '%s' is a bare state dict, which records no input size: it sees the student's "
+                       "%dx%d images resized to %dx%d, the data's own size (--teacher-input-size to change)",
+                       cfg.teacher, input_size[0], input_size[1], size[0], size[1])
+    return int(size[0]), int(size[1])
 
 
 def _robustbench_teacher(name: str, dataset: str) -> nn.Module:
