@@ -278,3 +278,26 @@ def test_a_pte_search_tries_qat_after_the_all_int8_recipes(checkpoints, tmp_path
     assert len(search["candidates"]) == budget and qat["label"] == f"{best['label']} +QAT 1 ep"
     assert qat["qat"]["history"][0]["epoch"] == 1 and qat["search"]["agreement"] > best["search"]["agreement"]
     assert (tmp_path / ".student.int8.pte.qat" / "state.pt").is_file()  # kept: more epochs continue from it
+
+
+def test_the_speed_gate_times_the_candidate_and_the_fp32_model_in_turn():
+    """A machine that slows down midway (another process starts) slows both alike: the ratio the gate decides on
+    holds (timed one after the other, the slower half would fall on one model only)."""
+    import time
+
+    from rslad_edge.export.search import PAIRED_ITERS, PAIRED_ROUNDS, _paired_latency
+
+    calls = []
+
+    class Sleeper:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def predict(self, x):
+            calls.append(self.name)
+            time.sleep(self.ms * (3 if len(calls) > 2 * (PAIRED_ITERS + 1) else 1) / 1000)
+
+    int8_ms, fp32_ms = _paired_latency(Sleeper("int8", 4), Sleeper("fp32", 8), np.zeros((2, 3, 8, 8), np.float32), 4)
+    assert 1.7 < fp32_ms / int8_ms < 2.4, (int8_ms, fp32_ms)
+    block = PAIRED_ITERS + 1  # the warm-up call, then the timed ones
+    assert calls == (["int8"] * block + ["fp32"] * block) * PAIRED_ROUNDS
