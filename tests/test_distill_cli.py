@@ -24,7 +24,8 @@ TINY = ["--preset", "smoke", "--train-subset", "128", "--epochs", "1", "--batch-
 # for a flag that takes none).
 CHANGED = {
     "student": "smallcnn-wide", "student_kwargs": "width=2", "teacher": "other.pt", "teacher_arch": "resnet18",
-    "teacher_kwargs": "width=2", "train_teacher": "smallcnn-wide", "teacher_dataset": "imagenet",
+    "teacher_kwargs": "width=2", "teacher_input_size": "48", "train_teacher": "smallcnn-wide",
+    "teacher_dataset": "imagenet",
     "class_map": "classes.yaml", "class_map_reduce": "max", "method": "sat", "dataset": "cifar10",
     "data_root": "elsewhere", "num_classes": "5", "input_size": "48", "augment": "rrc-flip", "memory_budget": "1.5",
     "batch_size": "32", "lr": "0.5", "momentum": "0.5", "weight_decay": "0.001", "milestones": "2,3",
