@@ -55,10 +55,20 @@ def recipes(with_pte: bool) -> list[tuple[str, dict[str, Any]]]:
     return plans
 
 
-def measure_agreement(path: Path, reference_logits: np.ndarray, images: np.ndarray, threads: int) -> dict[str, Any]:
-    logits = load_runner(path, threads=threads).predict(images)
+def checkpoint_on_test_images(artifact: Path, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Verify's seeded test sample (``args.n`` images, ``args.seed``) at the exported ``artifact``'s input size, and
+    the checkpoint's logits on it."""
+    metadata = json.loads(Path(f"{artifact}.json").read_text())
+    test = load_sample(args.dataset or metadata.get("trained_on"), args.data_root, "test", args.n, args.seed,
+                       input_size=tuple(metadata["input_size"]))
+    images = to_float(test.read()).numpy()
+    return images, load_runner(args.checkpoint, arch=args.arch, threads=args.threads).predict(images)
+
+
+def agreement(logits: np.ndarray, reference_logits: np.ndarray) -> dict[str, Any]:
+    """Top-1 agreement with the checkpoint (95% Wilson interval) and the median |logit difference|."""
     agreeing = int((logits.argmax(1) == reference_logits.argmax(1)).sum())
-    return {"agreement": agreeing / len(images), "agreement_ci95": wilson_ci95(agreeing, len(images)),
+    return {"agreement": agreeing / len(logits), "agreement_ci95": wilson_ci95(agreeing, len(logits)),
             "median_abs_logit_diff": float(np.median(np.abs(logits - reference_logits)))}
 
 
@@ -132,13 +142,9 @@ def main() -> None:
         result = export(ExportConfig(checkpoint=args.checkpoint, arch=args.arch, out=args.out, dataset=args.dataset,
                                      data_root=args.data_root, precision="int8", min_agreement=0.0, **options))
         if images is None:
-            metadata = json.loads(Path(f"{result.path}.json").read_text())
-            test = load_sample(args.dataset or metadata.get("trained_on"), args.data_root, "test", args.n, args.seed,
-                               input_size=tuple(metadata["input_size"]))
-            images = to_float(test.read()).numpy()
-            reference_logits = load_runner(args.checkpoint, arch=args.arch, threads=args.threads).predict(images)
-        row = {"label": label, "path": str(result.path), **measure_agreement(result.path, reference_logits, images,
-                                                                             args.threads)}
+            images, reference_logits = checkpoint_on_test_images(result.path, args)
+        logits = load_runner(result.path, threads=args.threads).predict(images)
+        row = {"label": label, "path": str(result.path), **agreement(logits, reference_logits)}
         if args.robust_n:
             row["robust"] = measure_robust(result.path, args, reference_rows)
         robust = row.get("robust")

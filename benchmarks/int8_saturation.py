@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from int8_calibrations import agreement, checkpoint_on_test_images  # this folder's: the same sample and measure
 
 from rslad_edge.bench.env import cpu_model
 from rslad_edge.console import setup_logging
-from rslad_edge.data import load_sample, to_float
 from rslad_edge.device import cpu_saturates_u8s8
 from rslad_edge.export import ExportConfig, export
-from rslad_edge.runtime import OnnxRunner, load_runner
-from rslad_edge.stats import wilson_ci95
+from rslad_edge.runtime import OnnxRunner
 from rslad_edge.versions import package_versions
 
 ROWS = [("--target cpu, 8-bit weights (--no-reduce-range)", dict(target="cpu", reduce_range=False, name="cpu-8bit")),
@@ -40,9 +39,9 @@ ROWS = [("--target cpu, 8-bit weights (--no-reduce-range)", dict(target="cpu", r
         ("--target trt, 8-bit weights (S8S8)", dict(target="trt", name="trt"))]
 
 
-def agreement(logits: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
-    agreeing = int((logits.argmax(1) == reference.argmax(1)).sum())
-    return {"agreement": agreeing / len(logits), "ci95": wilson_ci95(agreeing, len(logits))}
+def cell(figures: dict[str, Any]) -> str:
+    low, high = figures["agreement_ci95"]
+    return f"{figures['agreement']:.1%} [{low:.1%}, {high:.1%}]"
 
 
 def main() -> None:
@@ -69,21 +68,15 @@ def main() -> None:
         result = export(ExportConfig(checkpoint=args.checkpoint, arch=args.arch, out=args.out, dataset=args.dataset,
                                      data_root=args.data_root, precision="int8", min_agreement=0.0, **options))
         if images is None:
-            metadata = json.loads(Path(f"{result.path}.json").read_text())
-            test = load_sample(args.dataset or metadata.get("trained_on"), args.data_root, "test", args.n, args.seed,
-                               input_size=tuple(metadata["input_size"]))
-            images = to_float(test.read()).numpy()
-            reference = load_runner(args.checkpoint, arch=args.arch, threads=args.threads).predict(images)
+            images, reference = checkpoint_on_test_images(result.path, args)
         fused = OnnxRunner(result.path, threads=args.threads, reference=False).predict(images)
         exact = OnnxRunner(result.path, threads=args.threads, reference=True).predict(images)
         row = {"label": label, "fused": agreement(fused, reference), "qdq": agreement(exact, reference),
                "fused_vs_qdq": float((fused.argmax(1) == exact.argmax(1)).mean()),
                "max_abs_diff_fused_vs_qdq": float(np.abs(fused - exact).max())}
         rows.append(row)
-        print(f"| {label} | {row['fused']['agreement']:.1%} [{row['fused']['ci95'][0]:.1%}, "
-              f"{row['fused']['ci95'][1]:.1%}] | {row['qdq']['agreement']:.1%} [{row['qdq']['ci95'][0]:.1%}, "
-              f"{row['qdq']['ci95'][1]:.1%}] | {row['fused_vs_qdq']:.1%}, {row['max_abs_diff_fused_vs_qdq']:.3g} |",
-              flush=True)
+        print(f"| {label} | {cell(row['fused'])} | {cell(row['qdq'])} | {row['fused_vs_qdq']:.1%}, "
+              f"{row['max_abs_diff_fused_vs_qdq']:.3g} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "cpu": cpu_model(), "saturates":
                                          saturates, "threads": args.threads, "versions": versions, "n": args.n,
